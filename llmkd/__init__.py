@@ -1,0 +1,20 @@
+"""llmkd: knowledge distillation for LLMs on the Hugging Face stack."""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["DistillationConfig", "DistillationTrainer", "load_config"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import llmkd` stays cheap (the CLI imports torch/transformers only when needed).
+    if name in ("DistillationConfig", "load_config"):
+        from llmkd import config
+
+        return getattr(config, name)
+    if name == "DistillationTrainer":
+        from llmkd.trainer import DistillationTrainer
+
+        return DistillationTrainer
+    raise AttributeError(name)

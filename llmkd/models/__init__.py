@@ -1,0 +1,1 @@
+"""llmkd.models."""
