@@ -15,6 +15,8 @@ from typing import Any, Callable
 import yaml
 from datasets import Dataset, load_dataset
 
+from llmkd.eval.reasoning import KINDS as ANSWER_KINDS
+
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "data_recipes"
 SOURCES = ("reasoning_gym", "local", "hub")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -68,6 +70,9 @@ class Recipe:
         if self.answer_transform not in ANSWER_TRANSFORMS:
             raise ValueError(f"recipe {self.name}: answer_transform={self.answer_transform!r} is unknown; "
                              f"use one of {sorted(ANSWER_TRANSFORMS)}")
+        if self.answer_kind not in ANSWER_KINDS:
+            raise ValueError(f"recipe {self.name}: answer_kind={self.answer_kind!r} is unknown; "
+                             f"use one of {ANSWER_KINDS}")
         if self.source == "reasoning_gym" and not self.task:
             raise ValueError(f"recipe {self.name}: source reasoning_gym needs `task` (e.g. gsm_symbolic)")
         if self.source == "hub" and not (self.hub_id or self.path):

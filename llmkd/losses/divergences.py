@@ -32,6 +32,11 @@ def check_params(kind: str, beta: float, lam: float, temperature: float) -> None
         raise ValueError(f"temperature={temperature} must be > 0 (1.0 leaves logits unchanged)")
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half/bf16 inputs (softmax sums need it), the input's dtype if it is wider."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p || q) summed over the last dim, with 0 log 0 = 0."""
     logp = logp.clamp(min=_LOG_FLOOR)
@@ -95,9 +100,9 @@ def reduce(
     count of the whole accumulated/global batch, so grad accumulation equals one big batch).
     """
     if reduction == "none":
-        return values if mask is None else values * mask.to(values.dtype)
+        return values if mask is None else torch.where(mask.bool(), values, 0.0)
     if mask is not None:
-        values = values * mask.to(values.dtype)
+        values = torch.where(mask.bool(), values, 0.0)  # where, not *: masked nan stays out
         count = mask.sum()
     else:
         count = torch.tensor(values.numel(), device=values.device)
@@ -134,7 +139,8 @@ def divergence(
             f"{tuple(teacher_logits.shape)} differ; token_kd needs one shared vocabulary "
             "(use method cross_tokenizer for different tokenizers)"
         )
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    dtype = compute_dtype(student_logits)
+    s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     values = per_token_divergence(s, t, kind, beta=beta, lam=lam)
     return reduce(values, mask, reduction, num_items)

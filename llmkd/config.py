@@ -1,0 +1,223 @@
+"""DistillationConfig: `TrainingArguments` plus model / data / method sections, loaded from YAML.
+
+Every TrainingArguments field keeps working at the top level of the YAML; the three sections are
+validated strictly (unknown key -> nearest valid key, wrong type, missing path, bad method
+parameter) before any model is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainingArguments
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ModelSpec:
+    """Which teacher and student to use, and how to load them."""
+
+    teacher: str | None = None         # model dir, hub id, "embedded", or None with teacher_mode offline
+    teacher_mode: str = "live"         # live: run the teacher; offline: top-k columns in the data
+    student: str | None = None         # model dir / hub id; None -> derived from the teacher
+    student_layers: Any = "every_other"  # derive: "every_other", a layer count or a list of indices
+    teacher_dtype: str = "float32"
+    student_dtype: str = "float32"
+    lora: dict | None = None           # peft LoraConfig fields -> train a LoRA adapter
+    gradient_checkpointing_teacher: bool = False
+
+
+@dataclass
+class DataSpec:
+    """Where training/eval examples come from (a recipe, or a generated dataset dir)."""
+
+    recipe: str | None = None          # data_recipes name or YAML path
+    path: str | None = None            # local data override for the recipe, or `llmkd generate` output
+    num_train: int = 256
+    num_eval: int = 32
+    seed: int = 0
+    max_length: int = 512
+    response: str = "gold"             # gold: recipe answer template; column name: use that column
+
+
+@dataclass
+class MethodSpec:
+    """The method plug-in and its parameters (validated by the method's own Params dataclass)."""
+
+    name: str = "token_kd"
+    params: dict = field(default_factory=dict)
+
+
+SECTIONS = {"model": ModelSpec, "data": DataSpec}
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """TrainingArguments + distillation sections. Build with `load_config` or directly."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    method: MethodSpec = field(default_factory=MethodSpec)
+    overwrite_output_dir: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        for name in ("model", "data", "method"):
+            d[name] = dataclasses.asdict(getattr(self, name))
+        return d
+
+
+# --- YAML loading and validation ------------------------------------------------------------
+def _nearest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def check_keys(where: str, raw: dict, valid: list[str]) -> None:
+    for key in raw:
+        if key not in valid:
+            raise ValueError(f"config: unknown key {where}{key!r}{_nearest(key, valid)}")
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """A small structural type check for YAML values (covers the annotations used here)."""
+    if tp is Any or value is None and _optional(tp):
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, dict, tuple):
+        return isinstance(value, origin)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def coerce(where: str, raw: dict, cls: type) -> dict:
+    """Type-check YAML values against the dataclass annotations; accept "1e-4" for floats
+    (YAML 1.1 reads exponent notation without a dot as a string)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in raw.items():
+        tp = hints.get(key, Any)
+        if isinstance(value, str) and not _type_ok(value, tp) and _type_ok(1.0, tp):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not _type_ok(value, tp):
+            raise ValueError(f"config: {where}{key}={value!r} has type {type(value).__name__}; "
+                             f"expected {getattr(tp, '__name__', tp)}")
+        out[key] = value
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides (values parsed as YAML scalars) onto a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set method.beta=0.5")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def _check_model_path(name: str, value: str | None) -> None:
+    if value is None or value == "embedded" or Path(value).expanduser().is_dir():
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    if HUB_ID.match(value) and not offline and not value.startswith((".", "/", "~")):
+        return   # a hub id: resolved by from_pretrained
+    raise ValueError(
+        f"config: model.{name}={value!r} is not a model directory"
+        + (" (and the hub is offline: HF_HUB_OFFLINE=1)" if HUB_ID.match(value) else "")
+        + "; give a local directory with config.json + safetensors, or 'embedded' for the default teacher")
+
+
+def validate_sections(cfg: DistillationConfig) -> None:
+    """Semantic checks that need no model: paths, method params, output dir, combinations."""
+    from llmkd.methods import get_method
+
+    m = cfg.model
+    if m.teacher_mode not in ("live", "offline"):
+        raise ValueError(f"config: model.teacher_mode={m.teacher_mode!r}; use 'live' or 'offline'")
+    if m.teacher_mode == "live" and m.teacher is None:
+        raise ValueError("config: model.teacher is missing; set a model dir, 'embedded', or "
+                         "model.teacher_mode=offline with a generated dataset in data.path")
+    _check_model_path("teacher", m.teacher)
+    _check_model_path("student", m.student)
+    if m.student is None and m.teacher is None:
+        raise ValueError("config: model.student is missing and there is no teacher to derive it from")
+    if m.teacher_mode == "offline" and not cfg.data.path:
+        raise ValueError("config: model.teacher_mode=offline needs data.path pointing at an "
+                         "`llmkd generate` output directory (it holds the teacher top-k columns)")
+    if cfg.data.recipe is None and cfg.data.path is None:
+        raise ValueError("config: data.recipe (or data.path) is missing; e.g. data.recipe=arithmetic")
+    if cfg.data.path and not Path(cfg.data.path).expanduser().exists():
+        raise FileNotFoundError(f"config: data.path={cfg.data.path!r} does not exist")
+    get_method(cfg.method.name).Params.from_dict(cfg.method.params)   # raises on bad params
+    out = Path(cfg.output_dir)
+    if (out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir
+            and not cfg.resume_from_checkpoint):
+        raise FileExistsError(
+            f"config: output_dir={str(out)!r} exists and is not empty; set overwrite_output_dir=true, "
+            "resume_from_checkpoint, or choose another output_dir (nothing was written)")
+
+
+def config_from_dict(raw: dict) -> DistillationConfig:
+    """Build and validate a DistillationConfig from a plain dict (what YAML gives)."""
+    raw = dict(raw)
+    ta_fields = {f.name: f for f in dataclasses.fields(DistillationConfig) if f.init}
+    check_keys("", raw, list(ta_fields))
+    kwargs: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        section = raw.pop(name, None) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"config: {name} must be a mapping, found {section!r}")
+        check_keys(f"{name}.", section, [f.name for f in dataclasses.fields(cls)])
+        kwargs[name] = cls(**coerce(f"{name}.", section, cls))
+    method = dict(raw.pop("method", None) or {"name": "token_kd"})
+    kwargs["method"] = MethodSpec(name=method.pop("name", "token_kd"), params=method)
+    raw = coerce("", raw, DistillationConfig)
+    raw.setdefault("output_dir", "runs/distill")
+    raw.setdefault("report_to", "none")
+    raw.setdefault("remove_unused_columns", False)   # collator needs the raw columns
+    cfg = DistillationConfig(**raw, **kwargs)
+    validate_sections(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> DistillationConfig:
+    """YAML (safe_load) + `--set` overrides -> validated DistillationConfig."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {p}: top level must be a mapping")
+    return config_from_dict(apply_overrides(raw, overrides or []))

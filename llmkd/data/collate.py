@@ -1,0 +1,99 @@
+"""Turn (prompt, response) rows into token features and pad them into training batches.
+
+Prompts go through the tokenizer's chat template; prompt tokens are masked out of the loss
+(labels -100). Rows produced by `llmkd generate` carry the teacher's exact response token ids
+and top-k log-probs, which are used as-is so offline targets line up token for token.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+TOPK_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs")
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of a one-turn user prompt followed by the assistant header."""
+    if tokenizer.chat_template is None:
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                        add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def tokenize_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, response: str,
+                  max_length: int) -> Dataset:
+    """Add input_ids / labels / prompt_len; `response` names the column holding the response text.
+
+    A row with `response_token_ids` (from `llmkd generate`) keeps those ids exactly.
+    """
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"dataset columns {dataset.column_names} lack 'prompt'; use a recipe or a "
+                         "`llmkd generate` output")
+    exact = "response_token_ids" in dataset.column_names
+    if not exact and response not in dataset.column_names:
+        raise ValueError(f"dataset columns {dataset.column_names} lack the response column "
+                         f"{response!r}; set data.response to one of them (or 'gold')")
+    eos = tokenizer.eos_token_id
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        prompt = chat_prompt_ids(tokenizer, row["prompt"])
+        if exact:
+            resp = list(row["response_token_ids"])
+        else:
+            resp = tokenizer(row[response], add_special_tokens=False)["input_ids"] + [eos]
+        keep = max(0, min(len(resp), max_length - len(prompt)))
+        out = {"input_ids": prompt + resp[:keep], "labels": [-100] * len(prompt) + resp[:keep],
+               "prompt_len": len(prompt)}
+        if exact and "teacher_topk_ids" in row and row["teacher_topk_ids"] is not None:
+            out["teacher_topk_ids"] = [list(x) for x in row["teacher_topk_ids"][:keep]]
+            out["teacher_topk_logprobs"] = [list(x) for x in row["teacher_topk_logprobs"][:keep]]
+        return out
+
+    out = dataset.map(encode, desc="tokenize")
+    too_long = sum(1 for n in out["prompt_len"] if n >= max_length)
+    if too_long == len(out):
+        raise ValueError(f"every prompt is >= data.max_length={max_length} tokens; raise data.max_length")
+    return out.filter(lambda r: r["prompt_len"] < max_length, desc="drop over-long prompts")
+
+
+class DistillCollator:
+    """Right-pads sequences (training), left-pads prompts (for on-policy generation) and lays the
+    teacher's top-k columns on the label positions they belong to."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad = pad_token_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        n = max(len(r["input_ids"]) for r in rows)
+        p = max(r["prompt_len"] for r in rows)
+        b = len(rows)
+        batch = {
+            "input_ids": torch.full((b, n), self.pad, dtype=torch.long),
+            "attention_mask": torch.zeros((b, n), dtype=torch.long),
+            "labels": torch.full((b, n), -100, dtype=torch.long),
+            "prompt_input_ids": torch.full((b, p), self.pad, dtype=torch.long),
+            "prompt_attention_mask": torch.zeros((b, p), dtype=torch.long),
+        }
+        has_topk = "teacher_topk_ids" in rows[0]
+        if has_topk:
+            k = len(rows[0]["teacher_topk_ids"][0])
+            batch["teacher_topk_ids"] = torch.zeros((b, n, k), dtype=torch.long)
+            # padding positions get a finite uniform distribution; the loss mask drops them
+            batch["teacher_topk_logprobs"] = torch.full((b, n, k), -math.log(k), dtype=torch.float32)
+        for i, r in enumerate(rows):
+            ids, pl = r["input_ids"], r["prompt_len"]
+            batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
+            batch["attention_mask"][i, : len(ids)] = 1
+            batch["labels"][i, : len(ids)] = torch.tensor(r["labels"])
+            batch["prompt_input_ids"][i, p - pl:] = torch.tensor(ids[:pl])
+            batch["prompt_attention_mask"][i, p - pl:] = 1
+            if has_topk and r["teacher_topk_ids"]:
+                m = len(r["teacher_topk_ids"])
+                batch["teacher_topk_ids"][i, pl: pl + m] = torch.tensor(r["teacher_topk_ids"])
+                batch["teacher_topk_logprobs"][i, pl: pl + m] = torch.tensor(r["teacher_topk_logprobs"])
+        return batch

@@ -1,0 +1,83 @@
+"""The method protocol: every distillation method is a small plug-in on this interface.
+
+Losses know tensors, methods know batches, the Trainer knows neither formula. The Trainer asks
+the method for (1) where this batch's responses come from, (2) the teacher's targets for a batch,
+(3) the loss given the student's output, and it saves/restores the method's state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import PreTrainedModel
+
+from llmkd.config import check_keys, coerce
+
+
+@dataclass
+class MethodParams:
+    """Base for a method's parameters: strict keys and types, validated on construction."""
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "MethodParams":
+        check_keys("method.", raw, [f.name for f in dataclasses.fields(cls)] + ["name"])
+        return cls(**coerce("method.", {k: v for k, v in raw.items() if k != "name"}, cls))
+
+
+@dataclass
+class HeadOutput:
+    """A model's output for distillation: full logits, or final hidden states + lm_head weight
+    (the chunked loss applies the head itself so (B, S, V) logits are never materialised)."""
+
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    head_weight: torch.Tensor | None = None
+
+
+@dataclass
+class TeacherTargets:
+    """What the teacher contributes to a batch: live output, or offline top-k log-probs."""
+
+    output: HeadOutput | None = None
+    topk_ids: torch.Tensor | None = None        # (B, S, k) aligned with labels
+    topk_logprobs: torch.Tensor | None = None
+
+
+class Method:
+    """Base class for methods. Subclasses set `name`, `Params` and implement `loss`."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+
+    def __init__(self, params: MethodParams, teacher: PreTrainedModel | None) -> None:
+        self.params = params
+        self.teacher = teacher
+
+    # -- what the trainer asks ---------------------------------------------------------------
+    def response_source(self, rng: random.Random) -> str:
+        """'dataset' (off-policy), 'student' (on-policy samples) or 'teacher' (sequence-level KD)."""
+        return "dataset"
+
+    def wants_hidden(self) -> bool:
+        """True when the loss applies the lm_head itself (chunked); the trainer then skips logits."""
+        return False
+
+    def teacher_targets(self, batch: dict[str, torch.Tensor]) -> TeacherTargets:
+        raise NotImplementedError
+
+    def loss(self, student: HeadOutput, targets: TeacherTargets, batch: dict[str, torch.Tensor],
+             num_items: torch.Tensor | int | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return (loss, metrics to log). `num_items` = label tokens of the accumulated batch."""
+        raise NotImplementedError
+
+    def on_step_end(self, step: int, loss: float) -> None:
+        """Update method state after an optimizer step (e.g. a schedule)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state saved by `state_dict` (called on resume_from_checkpoint)."""

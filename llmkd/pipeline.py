@@ -1,0 +1,93 @@
+"""From a validated DistillationConfig to a ready DistillationTrainer: tokenizer -> data -> models.
+
+The order is deliberate: the cheap things that can fail on user input (tokenizer, dataset
+columns, vocab match) run before the expensive model loads.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from llmkd.config import DistillationConfig
+from llmkd.data.collate import tokenize_rows
+from llmkd.data.recipes import load_recipe
+
+
+def resolve_model_path(name: str) -> str:
+    """'embedded' -> the converted SmolLM2 directory; anything else unchanged."""
+    if name == "embedded":
+        from llmkd.models.embedded import embedded_teacher_dir
+
+        return str(embedded_teacher_dir())
+    return name
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def is_generated_dir(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").exists()
+
+
+def build_datasets(cfg: DistillationConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset]:
+    """Train/eval splits as token features. Generated dirs are split by their last rows."""
+    d = cfg.data
+    if d.path and is_generated_dir(d.path):
+        from llmkd.generation.writer import load_generated
+
+        rows = load_generated(d.path)
+        n_eval = min(d.num_eval, max(len(rows) // 5, 1))
+        train = rows.select(range(min(d.num_train, len(rows) - n_eval)))
+        evals = rows.select(range(len(rows) - n_eval, len(rows)))
+        response = "response"
+    else:
+        recipe = load_recipe(d.recipe or "arithmetic", path=d.path)
+        train = recipe.load(d.num_train, seed=d.seed)
+        evals = recipe.load(d.num_eval, seed=d.seed, offset=d.num_train)
+        response = d.response
+        if response == "gold":
+            add = lambda ds: ds.map(lambda r: {"response": recipe.gold_response(r["answer"])})  # noqa: E731
+            train, evals, response = add(train), add(evals), "response"
+    return (tokenize_rows(train, tokenizer, response=response, max_length=d.max_length),
+            tokenize_rows(evals, tokenizer, response=response, max_length=d.max_length))
+
+
+def build_models(cfg: DistillationConfig) -> tuple[PreTrainedModel | None, PreTrainedModel]:
+    """(teacher or None when offline, student). The student is derived from the teacher when
+    model.student is unset."""
+    import torch
+
+    from llmkd.models.student import derive_student, load_causal_lm, wrap_peft
+
+    m = cfg.model
+    teacher = None
+    if m.teacher is not None and (m.teacher_mode == "live" or m.student is None):
+        teacher = load_causal_lm(resolve_model_path(m.teacher), dtype=m.teacher_dtype)
+    if m.student is not None:
+        student = load_causal_lm(resolve_model_path(m.student), dtype=m.student_dtype)
+    else:
+        student = derive_student(teacher, m.student_layers).to(getattr(torch, m.student_dtype))
+    if m.teacher_mode == "offline":
+        teacher = None
+    if m.lora:
+        student = wrap_peft(student, m.lora)
+    return teacher, student
+
+
+def build_trainer(cfg: DistillationConfig):
+    """Everything a `llmkd distill` run needs, validated in cheap-to-expensive order."""
+    from llmkd.trainer import DistillationTrainer
+
+    m = cfg.model
+    tok_path = resolve_model_path(m.student if m.student is not None else m.teacher)
+    tokenizer = load_tokenizer(tok_path)
+    train, evals = build_datasets(cfg, tokenizer)
+    teacher, student = build_models(cfg)
+    return DistillationTrainer(model=student, args=cfg, teacher=teacher, processing_class=tokenizer,
+                               train_dataset=train, eval_dataset=evals)
