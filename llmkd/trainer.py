@@ -165,6 +165,14 @@ class DistillationTrainer(Trainer):
             tmp.write_text(json.dumps(self.method.state_dict()))
             os.replace(tmp, folder / METHOD_STATE)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Model dirs hold no pickle: the Trainer's training_args.bin becomes readable JSON."""
+        super()._save(output_dir, state_dict)
+        out = Path(output_dir or self.args.output_dir)
+        if self.args.should_save and (out / "training_args.bin").exists():
+            (out / "training_args.bin").unlink()
+            (out / "training_args.json").write_text(self.args.to_json_string())
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         if resume_from_checkpoint is None and self.args.resume_from_checkpoint:
             resume_from_checkpoint = self.args.resume_from_checkpoint

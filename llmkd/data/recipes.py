@@ -82,14 +82,14 @@ class Recipe:
 
     # -- loading -----------------------------------------------------------------------------
     def _rows(self, size: int | None, seed: int) -> Dataset:
+        if self.path:   # a local override wins over any source (how hub recipes are tested)
+            return _load_local(self.path, self.split)
         if self.source == "reasoning_gym":
             import reasoning_gym
 
             n = size or 1000
             ds = reasoning_gym.create_dataset(self.task, size=n, seed=seed, **self.task_kwargs)
             return Dataset.from_list([{"question": e["question"], "answer": e["answer"]} for e in ds])
-        if self.path:
-            return _load_local(self.path, self.split)
         return load_dataset(self.hub_id, self.hub_config, split=self.split)
 
     def load(self, size: int | None = None, *, seed: int = 0, offset: int = 0) -> Dataset:
@@ -107,7 +107,7 @@ class Recipe:
 
         def fmt(row: dict, idx: int) -> dict:
             extra = {"choices": _letter_choices(row, self.choices_field)} if self.choices_field else {}
-            prompt = self.prompt_template.format(**row, **extra)
+            prompt = self.prompt_template.format(**{**row, **extra})   # ARC names its column "choices"
             key = hashlib.sha1(f"{self.name}|{seed}|{prompt}".encode()).hexdigest()[:16]
             return {"id": f"{self.name}-{offset + idx}-{key}", "prompt": prompt,
                     "answer": transform(row[self.answer_field])}

@@ -1,4 +1,6 @@
 """Distillation losses: pure functions of tensors (no model, no Trainer)."""
+from llmkd.losses.chunked import chunked_divergence
 from llmkd.losses.divergences import KINDS, divergence, per_token_divergence
+from llmkd.losses.sparse import sparse_divergence
 
-__all__ = ["KINDS", "divergence", "per_token_divergence"]
+__all__ = ["KINDS", "chunked_divergence", "divergence", "per_token_divergence", "sparse_divergence"]

@@ -79,11 +79,11 @@ def per_token_divergence(
         return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
     if kind == "skew_fkl":
         if lam == 1.0:
-            return torch.zeros_like(s[..., 0])
+            return s.sum(-1) * 0.0  # identically 0, but still part of the graph
         return _kl(t, _log_mix(t, s, lam) if lam > 0 else s)
     if kind == "skew_rkl":
         if lam == 1.0:
-            return torch.zeros_like(s[..., 0])
+            return s.sum(-1) * 0.0  # identically 0, but still part of the graph
         return _kl(s, _log_mix(s, t, lam) if lam > 0 else t)
     raise ValueError(f"divergence kind={kind!r} is unknown; use one of {', '.join(KINDS)}")
 

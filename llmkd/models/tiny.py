@@ -79,16 +79,49 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast, *, layers: int = 2, hidden: i
     return model.eval()
 
 
+def pretrain(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, *, steps: int = 150,
+             batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> LlamaForCausalLM:
+    """A few seconds of language modelling on the built-in corpus, written as chat turns, so the
+    tiny teacher has real structure (its samples look like answers, not noise)."""
+    rng = random.Random(seed)
+    texts = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {a}."}],
+        tokenize=False) for q, a in _qa_pairs(rng, 2000)]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        enc = tokenizer(rng.sample(texts, batch_size), return_tensors="pt", padding=True)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def _qa_pairs(rng: random.Random, n: int) -> list[tuple[str, int]]:
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 99)
+        op = rng.choice(["+", "-", "*"])
+        out.append((f"Calculate {b} {op} {a}. Reply with just the number.",
+                    {"+": b + a, "-": b - a, "*": b * a}[op]))
+    return out
+
+
 def save_tiny_pair(root: str | Path, *, teacher_layers: int = 2, student_layers: int = 1,
-                   teacher_std: float = 0.2) -> tuple[Path, Path]:
-    """Write a tiny teacher and student (same tokenizer) as safetensors model dirs."""
+                   pretrain_steps: int = 150) -> tuple[Path, Path]:
+    """Write a tiny teacher (briefly pretrained) and a random student with the same tokenizer."""
     root = Path(root)
     tok = tiny_tokenizer()
+    teacher = tiny_model(tok, layers=teacher_layers, seed=1)
+    if pretrain_steps:
+        pretrain(teacher, tok, steps=pretrain_steps)
+    student = tiny_model(tok, layers=student_layers, seed=2)
     paths = []
-    for name, layers, std, seed in (("teacher", teacher_layers, teacher_std, 1),
-                                    ("student", student_layers, 0.02, 2)):
+    for name, model in (("teacher", teacher), ("student", student)):
         path = root / name
-        tiny_model(tok, layers=layers, std=std, seed=seed).save_pretrained(path)
+        model.save_pretrained(path)
         tok.save_pretrained(path)
         paths.append(path)
     return paths[0], paths[1]

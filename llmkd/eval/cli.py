@@ -1,0 +1,166 @@
+"""`llmkd eval` (reasoning accuracy of models on recipes) and `llmkd report` (compare run dirs).
+
+Eval YAML (every key optional except models/model and recipes)::
+
+    models: {teacher: embedded, student: runs/quickstart/student}   # or a list of dirs
+    recipes: [arithmetic, syllogism]      # names in data_recipes/ or recipe YAML paths
+    backend: vllm                         # vllm | hf
+    num_examples: 100
+    offset: 0
+    seed: 0
+    max_new_tokens: 256
+    batch_size: 16                        # hf backend only
+    use_chat_template: true
+    out: runs/eval                        # results in OUT/<label>/<recipe>/metrics.json
+    overwrite: false
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class EvalSpec:
+    """What `llmkd eval` runs; built from the YAML or the flags, validated before any model loads."""
+
+    models: Any = None          # {label: dir} or [dir, ...]; "embedded" = the default teacher
+    model: str | None = None    # a single model dir (shorthand for models: [dir])
+    recipes: Any = field(default_factory=list)   # list of names/paths, or "a,b"
+    backend: str = "vllm"
+    num_examples: int = 100
+    offset: int = 0
+    seed: int = 0
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    use_chat_template: bool = True
+    out: str = "runs/eval"
+    overwrite: bool = False
+
+    def model_dirs(self) -> dict[str, str]:
+        """{label: dir}; a label defaults to the directory name."""
+        given = self.models if self.models is not None else ([self.model] if self.model else [])
+        if isinstance(given, str):
+            given = [given]
+        if isinstance(given, dict):
+            pairs = {str(k): str(v) for k, v in given.items()}
+        elif isinstance(given, list):
+            pairs = {Path(str(m)).name or str(m): str(m) for m in given}
+        else:
+            raise ValueError(f"eval: models={given!r}; give a mapping label: dir or a list of dirs")
+        if not pairs:
+            raise ValueError("eval: no model given; pass --model PATH or set `models` in the YAML")
+        return pairs
+
+    def recipe_names(self) -> list[str]:
+        names = self.recipes.split(",") if isinstance(self.recipes, str) else list(self.recipes)
+        names = [str(n).strip() for n in names if str(n).strip()]
+        if not names:
+            raise ValueError("eval: no recipe given; pass --recipes a,b or set `recipes` in the YAML")
+        return names
+
+
+def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
+    if args.config:
+        import yaml
+
+        from llmkd.config import check_keys, coerce
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"eval config {str(path)!r} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"eval config {path}: top level must be a mapping")
+        check_keys("", raw, [f.name for f in fields(EvalSpec)])
+        spec = EvalSpec(**coerce("", raw, EvalSpec))
+    else:
+        spec = EvalSpec()
+    flags = {"models": args.model, "recipes": args.recipes, "backend": args.backend,
+             "num_examples": args.num_examples, "offset": args.offset, "seed": args.seed,
+             "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "out": args.out}
+    for key, value in flags.items():
+        if value is not None:
+            setattr(spec, key, value)
+    if args.no_chat_template:
+        spec.use_chat_template = False
+    if args.overwrite:
+        spec.overwrite = True
+    return spec
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from llmkd.data.recipes import load_recipe
+    from llmkd.eval.reasoning import evaluate_reasoning
+    from llmkd.generation.backends import BACKENDS, _check_model_dir
+
+    spec = _spec_from_args(args)
+    # Everything the user typed is checked here, before any dataset or model is loaded.
+    if spec.backend not in BACKENDS:
+        raise ValueError(f"eval: backend={spec.backend!r} is unknown; use one of {BACKENDS}")
+    recipes = [load_recipe(name) for name in spec.recipe_names()]
+    models = spec.model_dirs()
+    for label, path in models.items():
+        if path != "embedded":
+            _check_model_dir(path)
+    out = Path(spec.out)
+    for label in models:
+        for rec in recipes:
+            if (out / label / rec.name / "metrics.json").exists() and not spec.overwrite:
+                raise FileExistsError(f"{out / label / rec.name / 'metrics.json'} exists; pass "
+                                      "--overwrite or another --out (nothing was run)")
+    for label, path in models.items():
+        if path == "embedded":
+            from llmkd.models.embedded import embedded_teacher_dir
+
+            path = str(embedded_teacher_dir())
+        for rec in recipes:
+            m = evaluate_reasoning(
+                path, rec, backend=spec.backend, num_examples=spec.num_examples,
+                offset=spec.offset, seed=spec.seed, max_new_tokens=spec.max_new_tokens,
+                batch_size=spec.batch_size, use_chat_template=spec.use_chat_template,
+                output_dir=out / label / rec.name, label=label, overwrite=spec.overwrite)
+            print(f"{label:>20s}  {rec.name:<24s} accuracy {100 * m['accuracy']:5.1f} % "
+                  f"[{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]  n={m['n']}")
+    print(f"results in {out}/; compare with: llmkd report {out}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from llmkd.eval.report import write_report
+
+    if args.out is None and len(args.run_dirs) > 1:
+        raise ValueError("report: several run dirs need --out DIR for the combined report")
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report"
+    summary = write_report(args.run_dirs, out)
+    print(f"report: {out / 'report.md'} ({len(summary['evals'])} evals, "
+          f"{len(summary['training'])} training logs, plots: {', '.join(summary['plots']) or 'none'})")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "eval", help="reasoning accuracy (math-verify) of models on data recipes",
+        description="Greedy generation -> answer extraction -> accuracy with a 95%% Wilson CI.")
+    p.add_argument("config", nargs="?", help="eval YAML (see llmkd.eval.cli); flags override it")
+    p.add_argument("--model", action="append", metavar="PATH",
+                   help="model dir or 'embedded' (repeat to compare several)")
+    p.add_argument("--recipes", metavar="A,B", help="comma-separated recipe names or YAML paths")
+    p.add_argument("--backend", choices=("vllm", "hf"))
+    p.add_argument("--num-examples", type=int)
+    p.add_argument("--offset", type=int, help="skip this many rows (a held-out slice)")
+    p.add_argument("--seed", type=int, help="reasoning_gym generation seed")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--batch-size", type=int, help="batch size of the hf backend")
+    p.add_argument("--no-chat-template", action="store_true", help="feed raw prompts")
+    p.add_argument("--out", metavar="DIR", help="results in DIR/<label>/<recipe>/ (default runs/eval)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results")
+    p.set_defaults(func=run_eval)
+
+    r = subparsers.add_parser(
+        "report", help="markdown/JSON/PNG report comparing run dirs (evals and training logs)")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--out", metavar="DIR", help="report dir (default RUN_DIR/report for one run)")
+    r.set_defaults(func=run_report)

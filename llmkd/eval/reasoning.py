@@ -1,0 +1,273 @@
+"""Reasoning accuracy: generate -> extract the final answer -> verify against gold -> accuracy ± CI.
+
+Answer kinds (a recipe's `answer_kind`):
+- ``numeric``: numbers and LaTeX math, checked with math-verify (``1,234`` = ``1234``,
+  ``3/4`` = ``0.75`` = ``\\frac{3}{4}``), with a plain float/fraction fallback;
+- ``choice``: option labels such as ``(C)`` (math-verify does not read these, so by hand);
+- ``yesno``: yes/no and true/false (the same polarity: ``true`` counts as ``yes``);
+- ``exact``: normalised string equality (case, surrounding punctuation and spaces ignored).
+
+Extraction looks, in order, at the last ``\\boxed{...}``, the last ``####``, the last "answer
+is"/"answer:" marker, and only then at the whole text (last number for ``numeric``), so that a
+model that states its answer and keeps talking is scored on what it stated.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+KINDS = ("numeric", "choice", "yesno", "exact")
+
+_MARKER = re.compile(r"(?:answer\s*(?:is|was|would be|:)|####)\s*:?", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+_YES = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
+_YESNO_WORD = re.compile(r"\b(yes|no|true|false)\b", re.IGNORECASE)
+_LABEL = r"[A-Z]|[1-9]"
+_PAREN_LABEL = re.compile(rf"\(\s*({_LABEL})\s*\)")
+_BARE_LABEL = re.compile(rf"^\W*?({_LABEL})(?:[.):,\s]|$)")          # after a marker
+_LEADING_LABEL = re.compile(rf"^\s*\(?({_LABEL})(?:\)|\.(?:\s|$)|\s*$)")  # "C", "(C) ...", "C. ..."
+_EDGE_PUNCT = " \t\n.,;:!?\"'`*"
+
+
+# -- extraction -------------------------------------------------------------------------------
+def _last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} / \\fbox{...}, with nested braces balanced."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None  # unbalanced: the model was cut off inside the box
+
+
+def _after_last_marker(text: str) -> str | None:
+    """The text after the last answer marker, up to the end of that line."""
+    hits = list(_MARKER.finditer(text))
+    if not hits:
+        return None
+    rest = text[hits[-1].end():].strip()
+    return rest.split("\n", 1)[0].strip() or None
+
+
+def _first_sentence(segment: str) -> str:
+    """Cut 'answer is 42. Next, ...' at the sentence end (a '.' that is not a decimal point)."""
+    return re.split(r"\.(?:\s|$)", segment, maxsplit=1)[0].strip()
+
+
+def _mv_parse(text: str) -> list:
+    """math-verify parse; its timeout uses SIGALRM, which works only in the main thread."""
+    from math_verify import parse
+
+    main = threading.current_thread() is threading.main_thread()
+    try:
+        return parse(text, parsing_timeout=5 if main else None)
+    except Exception:  # math-verify raises on odd LaTeX; treat as "nothing parsed"
+        return []
+
+
+def _numeric_from(segment: str) -> str | None:
+    """A number/expression from a short segment: math-verify first, then the last plain number."""
+    parsed = _mv_parse(segment if "$" in segment or "\\" not in segment else f"${segment}$")
+    if len(parsed) >= 2 and str(parsed[1]).strip():
+        return str(parsed[1]).strip()
+    numbers = _NUMBER.findall(segment)
+    return numbers[-1].replace(",", "").replace(" ", "") if numbers else None
+
+
+def extract_answer(text: str | None, kind: str = "numeric") -> str | None:
+    """The final answer stated in a model response, as a short string; None when there is none.
+
+    Idempotent on its own output, so `is_correct` may be given a raw response or an extracted
+    answer alike.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"answer kind {kind!r} is unknown; use one of {KINDS}")
+    if not text or not text.strip():
+        return None
+    boxed = _last_boxed(text)
+    marked = boxed if boxed is not None else _after_last_marker(text)
+    if kind == "numeric":
+        if boxed is not None:
+            return _numeric_from(boxed)
+        if marked is not None and (value := _numeric_from(_first_sentence(marked))) is not None:
+            return value
+        return _numeric_from(text)
+    if kind == "choice":
+        if marked is not None and (m := _PAREN_LABEL.search(marked) or _BARE_LABEL.match(marked)):
+            return m.group(1)
+        if m := _LEADING_LABEL.match(text):
+            return m.group(1)
+        labels = _PAREN_LABEL.findall(text)
+        return labels[-1] if labels else None
+    if kind == "yesno":
+        if marked and (m := _YESNO_WORD.search(marked)):
+            return _YES[m.group(1).lower()]
+        words = _YESNO_WORD.findall(text)
+        if not words:
+            return None
+        first = _YESNO_WORD.match(text.strip(_EDGE_PUNCT))  # "No, because ..." answers up front
+        return _YES[(first.group(1) if first else words[-1]).lower()]
+    # exact
+    segment = marked if marked is not None else text.strip().split("\n")[-1]
+    return _normalise_exact(segment) or None
+
+
+def _normalise_exact(text: str) -> str:
+    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
+    return " ".join(text.strip(_EDGE_PUNCT).lower().split())
+
+
+# -- verification -----------------------------------------------------------------------------
+def _as_fraction(text: str) -> Fraction | None:
+    """A plain number ('1,234.5', '$12', '3/4', '50%') as an exact fraction, else None."""
+    t = text.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    scale = Fraction(1, 100) if t.endswith("%") else Fraction(1)
+    try:
+        return Fraction(t.rstrip("%")) * scale
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _numeric_equal(pred: str, gold: str) -> bool:
+    from math_verify import verify
+
+    gold_parsed, pred_parsed = _mv_parse(f"\\boxed{{{gold}}}"), _mv_parse(f"\\boxed{{{pred}}}")
+    if gold_parsed and pred_parsed:
+        main = threading.current_thread() is threading.main_thread()
+        try:
+            if verify(gold_parsed, pred_parsed, timeout_seconds=5 if main else None):
+                return True
+        except Exception:  # fall through to the plain comparison
+            pass
+    a, b = _as_fraction(pred), _as_fraction(gold)
+    if a is not None and b is not None:
+        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+    return _normalise_exact(pred) == _normalise_exact(gold)
+
+
+def is_correct(prediction: str | None, gold: str, kind: str = "numeric") -> bool:
+    """Whether a response (or an already extracted answer) states the gold answer."""
+    answer = extract_answer(prediction, kind)
+    if answer is None:
+        return False
+    if kind == "numeric":
+        return _numeric_equal(answer, str(gold))
+    if kind == "choice":
+        return answer == str(gold).strip().strip("()").strip().upper()
+    if kind == "yesno":
+        return answer == _YES.get(str(gold).strip(_EDGE_PUNCT).lower())
+    return answer == _normalise_exact(str(gold))
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials: honest at small n and at 0 % / 100 %."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# -- evaluation -------------------------------------------------------------------------------
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _max_model_len(model_dir: str, longest_prompt: int, max_new_tokens: int) -> int:
+    """Context the engine needs; fail early (naming the fix) when the model cannot hold it."""
+    need = longest_prompt + max_new_tokens
+    limit = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+    if limit is not None and need > limit:
+        raise ValueError(f"longest prompt ({longest_prompt} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"= {need} exceeds the model's context of {limit} tokens; lower "
+                         "max_new_tokens or use shorter prompts")
+    return need
+
+
+def evaluate_reasoning(model_path: str | Path, recipe: Any, *, backend: str = "vllm",
+                       num_examples: int = 100, offset: int = 0, seed: int = 0,
+                       max_new_tokens: int = 256, batch_size: int = 16,
+                       use_chat_template: bool = True, output_dir: str | Path | None = None,
+                       label: str | None = None, overwrite: bool = False,
+                       progress: bool = True) -> dict[str, Any]:
+    """Greedy-generate answers to `num_examples` recipe rows and score them.
+
+    `recipe` is a name, a YAML path or a `Recipe`. Inputs (recipe, model dir, output dir) are
+    checked before any data or model is loaded. With `output_dir`, writes `predictions.jsonl`
+    (one row per example) and `metrics.json` (the returned dict; schema in `llmkd.eval.report`).
+    `batch_size` sets the transformers backend's batch; vLLM schedules its own batches.
+    """
+    from llmkd.data.collate import chat_prompt_ids
+    from llmkd.data.recipes import Recipe, load_recipe
+    from llmkd.eval.metrics import load_metric
+    from llmkd.generation.backends import SamplingSpec, _check_model_dir, make_backend
+
+    started = time.time()
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
+    model_dir = _check_model_dir(str(model_path))
+    if num_examples < 1:
+        raise ValueError(f"num_examples={num_examples}: need at least one example")
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None and (out / "metrics.json").exists() and not overwrite:
+        raise FileExistsError(f"{out / 'metrics.json'} exists; pass overwrite=True (--overwrite) or "
+                              "choose another output dir (nothing was written)")
+
+    from transformers import AutoTokenizer
+
+    rows = rec.load(num_examples, seed=seed, offset=offset)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    prompts = [chat_prompt_ids(tokenizer, p) if use_chat_template
+               else tokenizer(p, add_special_tokens=True)["input_ids"] for p in rows["prompt"]]
+    max_len = _max_model_len(model_dir, max(map(len, prompts)), max_new_tokens)
+    engine_kwargs = {"batch_size": batch_size} if backend == "hf" else {}
+    engine = make_backend(backend, model_dir, max_model_len=max_len, **engine_kwargs)
+    try:
+        gen_start = time.time()
+        completions = [c[0] for c in engine.generate(
+            prompts, SamplingSpec(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed),
+            progress=progress)]
+        gen_s = time.time() - gen_start
+    finally:
+        engine.close()
+
+    responses = [c.text for c in completions]
+    scores = load_metric("reasoning_accuracy").compute(
+        predictions=responses, references=list(rows["answer"]), kind=rec.answer_kind)
+    new_tokens = sum(len(c.token_ids) for c in completions)
+    metrics = {
+        "label": label or Path(model_dir).name, "model": model_dir, "recipe": rec.name,
+        "answer_kind": rec.answer_kind, "backend": backend,
+        "accuracy": scores["accuracy"], "ci_low": scores["ci_low"], "ci_high": scores["ci_high"],
+        "ci_level": 0.95, "n": scores["n"], "num_correct": scores["num_correct"],
+        "offset": offset, "seed": seed, "max_new_tokens": max_new_tokens,
+        "use_chat_template": use_chat_template,
+        "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+        "mean_new_tokens": new_tokens / len(completions),
+        "generation_s": gen_s, "tokens_per_s": new_tokens / gen_s if gen_s > 0 else None,
+        "time_s": time.time() - started,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps({"id": row["id"], "prompt": row["prompt"], "gold": row["answer"],
+                             "response": c.text, "extracted": extract_answer(c.text, rec.answer_kind),
+                             "correct": ok, "finish_reason": c.finish_reason,
+                             "new_tokens": len(c.token_ids)}, ensure_ascii=False)
+                 for row, c, ok in zip(rows, completions, scores["correct"])]
+        _write_atomic(out / "predictions.jsonl", "\n".join(lines) + "\n")
+        _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics

@@ -1,0 +1,40 @@
+"""CLI: `llmkd generate CONFIG [--set key=value ...]` (also `python -m llmkd.generation.cli`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("generate", help="teacher generations (+ top-k log-probs) into parquet shards")
+    p.add_argument("config", help="generation YAML, e.g. configs/generate/quickstart.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set num_prompts=8 (repeatable)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llmkd.generation.run import load_config, run_generation
+    from llmkd.generation.writer import read_manifest
+
+    cfg = load_config(args.config, args.overrides)
+    out = run_generation(cfg, progress=args.progress)
+    meta = read_manifest(out)["metadata"]
+    print(f"[llmkd] {out}: {meta['totals']['rows']} rows "
+          f"(yield {meta['totals']['yield']}, {meta['prompts']['skipped_too_long']} prompts too long), "
+          f"{meta['last_run']['tokens_per_second']} tok/s this run")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`llmkd generate` alone, independent of the other subcommands' modules (used by tests)."""
+    parser = argparse.ArgumentParser(prog="python -m llmkd.generation.cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

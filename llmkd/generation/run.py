@@ -1,0 +1,263 @@
+"""`llmkd generate`: recipe prompts -> teacher completions (+ top-k log-probs) -> parquet shards.
+
+Everything that can be checked without the teacher (config keys and types, model dir, recipe and
+its columns, output dir ownership) is checked before the engine starts. Generation runs batch by
+batch and each batch is flushed to disk, so a killed run loses at most one batch and a rerun with
+the same config continues where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmkd.generation.backends import BACKENDS, DTYPES, SamplingSpec
+
+MODES = ("response", "rationale")
+
+
+@dataclass
+class GenerationConfig:
+    """One generation job. Unknown keys are rejected with the nearest valid one."""
+
+    model: str = "embedded"              # model dir, or "embedded" (SmolLM2-135M-Instruct)
+    backend: str = "vllm"                # vllm | hf
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    engine: dict = field(default_factory=dict)   # extra engine kwargs (tensor_parallel_size, ...)
+    recipe: str = "chain_sum"            # data_recipes name or recipe YAML path
+    data_path: str | None = None         # local data file overriding the recipe's source
+    num_prompts: int = 64
+    offset: int = 0
+    seed: int = 0
+    mode: str = "response"               # response: answer the prompt; rationale: few-shot CoT
+    chat_template: bool = True
+    n: int = 1                           # completions per prompt
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    topk: int = 20                       # teacher top-k log-probs kept per token (0 = none)
+    keep_incorrect: bool | None = None   # None: keep all in response mode, only correct in rationale
+    output_dir: str = "outputs/generations/run"
+    shard_size: int = 256                # rows per parquet shard
+    batch_size: int | None = None        # prompts per generation batch; None: shard_size // n
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("backend", self.backend, BACKENDS), ("mode", self.mode, MODES),
+                                     ("dtype", self.dtype, DTYPES)):
+            if value not in allowed:
+                raise ValueError(f"config: {name}={value!r} is unknown; use one of {allowed}")
+        for name in ("num_prompts", "shard_size", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config: {name}={getattr(self, name)} must be >= 1")
+        if self.offset < 0 or self.topk < 0:
+            raise ValueError("config: offset and topk must be >= 0")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"config: batch_size={self.batch_size} must be >= 1 (or null)")
+        if self.max_new_tokens >= self.max_model_len:
+            raise ValueError(f"config: max_new_tokens={self.max_new_tokens} leaves no room for the "
+                             f"prompt in max_model_len={self.max_model_len}; raise max_model_len")
+        self.sampling  # validates n / temperature / top_p
+
+    @property
+    def sampling(self) -> SamplingSpec:
+        return SamplingSpec(n=self.n, temperature=self.temperature, top_p=self.top_p,
+                            max_new_tokens=self.max_new_tokens, logprobs=self.topk, seed=self.seed)
+
+    @property
+    def keep_all(self) -> bool:
+        return self.mode == "response" if self.keep_incorrect is None else self.keep_incorrect
+
+    @property
+    def prompts_per_batch(self) -> int:
+        return self.batch_size or max(1, self.shard_size // self.n)
+
+    def fingerprint_fields(self, model_dir: Path) -> dict[str, Any]:
+        """What the rows depend on. Not num_prompts/offset (a rerun may extend the set), not
+        output/shard/batch sizes or engine kwargs (layout and speed only)."""
+        d = dataclasses.asdict(self)
+        for key in ("num_prompts", "offset", "output_dir", "shard_size", "batch_size", "engine"):
+            d.pop(key)
+        return {**d, "model": str(model_dir), "keep_incorrect": self.keep_all}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> GenerationConfig:
+    """YAML file (optional) + `key=value` overrides -> validated GenerationConfig."""
+    from llmkd.config import apply_overrides, check_keys, coerce
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"generation config {str(p)!r} not found")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"generation config {str(p)!r}: expected a mapping of keys to values")
+    raw = apply_overrides(raw, list(overrides))
+    check_keys("", raw, [f.name for f in dataclasses.fields(GenerationConfig)])
+    return GenerationConfig(**coerce("", raw, GenerationConfig))
+
+
+def resolve_model(model: str) -> Path:
+    """A local model dir; "embedded" is materialised on first use by `llmkd.models.embedded`."""
+    if model == "embedded":
+        from llmkd.models.embedded import embedded_teacher_dir
+
+        return embedded_teacher_dir()
+    p = Path(model).expanduser()
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"config: model={model!r} is not a model directory (no config.json); "
+                                "give a local dir with config.json + safetensors, or 'embedded'")
+    return p.resolve()
+
+
+def _schema(cfg: GenerationConfig):
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int32())
+    cols = [("id", pa.string()), ("sample", pa.int32()), ("prompt", pa.string()),
+            ("prompt_token_ids", ids), ("response", pa.string()), ("response_token_ids", ids),
+            ("finish_reason", pa.string()), ("answer", pa.string()), ("gold", pa.string()),
+            ("correct", pa.bool_())]
+    if cfg.mode == "rationale":
+        cols.append(("rationale", pa.string()))
+    if cfg.topk:
+        cols += [("teacher_topk_ids", pa.list_(ids)),
+                 ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32()))),
+                 ("teacher_tail_mass", pa.list_(pa.float32()))]
+    return pa.schema(cols)
+
+
+def build_prompts(cfg: GenerationConfig, recipe: Any, tokenizer: Any, questions: list[str]) -> list[list[int]]:
+    """Token ids of each full prompt (chat template with generation prompt, or plain text)."""
+    from llmkd.generation.rationales import fewshot_messages, fewshot_text
+
+    system = recipe.system_prompt
+    if not cfg.chat_template:
+        texts = [fewshot_text(q, recipe.fewshot, system) if cfg.mode == "rationale"
+                 else (f"{system}\n\n{q}" if system else q) for q in questions]
+        return [tokenizer(t).input_ids for t in texts]
+    if not tokenizer.chat_template:
+        raise ValueError(f"config: chat_template=true but the tokenizer of {cfg.model!r} has no chat "
+                         "template; set chat_template=false to prompt with plain text")
+    out = []
+    for q in questions:
+        msgs = (fewshot_messages(q, recipe.fewshot, system) if cfg.mode == "rationale" else
+                ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}])
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        out.append(tokenizer(text, add_special_tokens=False).input_ids)  # the template has BOS
+    return out
+
+
+def _rows_for(cfg: GenerationConfig, row: dict, prompt_ids: list[int], comps: list, todo: set[int],
+              kind: str, counter: Any) -> tuple[list[dict], list[tuple]]:
+    """Parquet rows for one prompt's completions (only the sample indices in `todo`)."""
+    from llmkd.generation.rationales import check, parse_rationale, parse_response
+
+    rows, dropped = [], []
+    for s, c in enumerate(comps):
+        if s not in todo:
+            continue
+        rationale = None
+        if cfg.mode == "rationale":
+            rationale, pred = parse_rationale(c.text, kind)
+        else:
+            pred = parse_response(c.text, kind)
+        correct = check(pred, row["answer"], kind)
+        if not counter.keep(row["id"], pred, correct):
+            dropped.append((row["id"], s))
+            continue
+        out = {"id": row["id"], "sample": s, "prompt": row["prompt"], "prompt_token_ids": prompt_ids,
+               "response": c.text, "response_token_ids": c.token_ids, "finish_reason": c.finish_reason,
+               "answer": pred, "gold": row["answer"], "correct": correct}
+        if cfg.mode == "rationale":
+            out["rationale"] = rationale
+        if cfg.topk:
+            out["teacher_topk_ids"] = c.topk_ids
+            out["teacher_topk_logprobs"] = c.topk_logprobs
+            out["teacher_tail_mass"] = [max(0.0, 1.0 - math.fsum(math.exp(v) for v in lps))
+                                        for lps in c.topk_logprobs]
+        rows.append(out)
+    return rows, dropped
+
+
+def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
+    """Generate what is missing in `cfg.output_dir` and return that directory."""
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from llmkd.data.recipes import load_recipe
+    from llmkd.generation.backends import make_backend
+    from llmkd.generation.rationales import YieldCounter
+    from llmkd.generation.writer import ShardWriter
+
+    # 1. Everything checkable without the teacher, before the engine starts.
+    model_dir = resolve_model(cfg.model)
+    recipe = load_recipe(cfg.recipe, path=cfg.data_path)
+    data = recipe.load(cfg.num_prompts, seed=cfg.seed, offset=cfg.offset)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    prompt_ids = build_prompts(cfg, recipe, tokenizer, data["prompt"])
+    writer = ShardWriter(cfg.output_dir, cfg.fingerprint_fields(model_dir), _schema(cfg),
+                         shard_size=cfg.shard_size)
+
+    # 2. What is left: prompts that fit, minus (id, sample) pairs already on disk.
+    limit = cfg.max_model_len - cfg.max_new_tokens
+    counter = YieldCounter(keep_incorrect=cfg.keep_all)
+    done = writer.done_keys()
+    todo: list[tuple[int, set[int]]] = []
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) > limit:
+            counter.skipped_too_long += 1
+            continue
+        missing = {s for s in range(cfg.n) if (data[i]["id"], s) not in done}
+        if missing:
+            todo.append((i, missing))
+
+    # 3. Generate batch by batch; every batch lands on disk before the next starts.
+    spec = cfg.sampling
+    backend = make_backend(cfg.backend, str(model_dir), dtype=cfg.dtype,
+                           max_model_len=cfg.max_model_len, **cfg.engine) if todo else None
+    new_tokens, gen_seconds = 0, 0.0
+    bar = tqdm(total=len(todo), desc=f"generate ({cfg.backend})", unit="prompt", disable=not progress)
+    try:
+        for start in range(0, len(todo), cfg.prompts_per_batch):
+            batch = todo[start:start + cfg.prompts_per_batch]
+            t0 = time.perf_counter()
+            outs = backend.generate([prompt_ids[i] for i, _ in batch], spec, progress=False)
+            gen_seconds += time.perf_counter() - t0
+            for (i, missing), comps in zip(batch, outs):
+                new_tokens += sum(len(c.token_ids) for c in comps)
+                rows, dropped = _rows_for(cfg, data[i], prompt_ids[i], comps, missing,
+                                         recipe.answer_kind, counter)
+                writer.add(rows, dropped)
+            writer.flush()
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{new_tokens / max(gen_seconds, 1e-9):.0f}", kept=counter.kept)
+    finally:
+        bar.close()
+        if backend is not None:
+            backend.close()
+
+    # 4. Manifest: this run's counters plus totals over everything on disk.
+    rows_on_disk = writer.read_column("correct")
+    dropped_on_disk = len(writer.dropped_keys())
+    generated = len(rows_on_disk) + dropped_on_disk
+    writer.close(
+        teacher={"name": model_dir.name, "path": str(model_dir), "backend": cfg.backend, "dtype": cfg.dtype},
+        sampling=dataclasses.asdict(spec), recipe={"name": recipe.name, "answer_kind": recipe.answer_kind,
+                                                   "num_prompts": cfg.num_prompts, "offset": cfg.offset},
+        mode=cfg.mode, chat_template=cfg.chat_template,
+        prompts={"requested": len(prompt_ids), "skipped_too_long": counter.skipped_too_long,
+                 "generated_this_run": len(todo)},
+        last_run={**counter.summary(), "new_tokens": new_tokens, "generate_seconds": round(gen_seconds, 3),
+                  "tokens_per_second": round(new_tokens / gen_seconds, 2) if gen_seconds else None},
+        totals={"completions": generated, "rows": len(rows_on_disk), "dropped": dropped_on_disk,
+                "correct": sum(bool(c) for c in rows_on_disk),
+                "yield": len(rows_on_disk) / generated if generated else None},
+    )
+    return Path(cfg.output_dir)

@@ -1,0 +1,221 @@
+"""Token divergence straight from hidden states and lm_head weights, never holding (N, V) logits.
+
+The full logits of a batch (B x S x V floats, twice: student and teacher, plus their softmaxes and
+gradients) dominate the memory of a KD step. Here the lm_head is applied to a chunk of tokens at
+a time; for each chunk the forward computes the loss *and* its gradient with respect to the
+chunk's logits (closed form per divergence), folds that gradient straight into the gradients of
+the hidden states and the weight, and drops the chunk. The backward only scales the stored
+gradients, so nothing is recomputed (the same trade as Liger's fused linear cross-entropy).
+
+Per chunk only four (chunk, V) buffers exist, reused across chunks: allocating fresh (chunk, V)
+tensors every time costs more in page faults than the element-wise math itself on CPU.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from llmkd.losses.divergences import _LOG_FLOOR, check_params, compute_dtype
+
+Buffers = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) using the spare buffer ``out`` (which may alias a or b)."""
+    return torch.mul(a, b, out=out).sum(-1)
+
+
+def _fused_loss_and_grad(
+    buf: Buffers, kind: str, beta: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """Per-row divergence and its gradient w.r.t. the (tempered) student logits.
+
+    ``buf[0]``/``buf[1]`` hold student/teacher log-probs s, t; all four buffers are scratch and
+    are overwritten. Returns (loss (R,), g, c) with d loss / d logits = c * g (g is None when the
+    loss is identically 0). With q = exp(s) and a = d loss / d q, the softmax Jacobian gives
+    d loss / d logits = q * (a - sum(q * a)); each branch evaluates that for its kind.
+    """
+    s, t, b3, b4 = buf
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "fkl" if beta == 0.0 else "rkl"
+    if kind in ("skew_fkl", "skew_rkl") and lam in (0.0, 1.0):
+        if lam == 1.0:
+            return s.new_zeros(s.shape[0]), None, 0.0
+        kind = kind[5:]
+    q = torch.exp(s, out=b3)
+    if kind == "rkl":  # sum q (s - t); a = s - t (+1, cancels)
+        d = s.sub_(t)
+        loss = _rowdot(q, d, t)
+        return loss, d.sub_(loss[:, None]).mul_(q), 1.0
+    p = torch.exp(t, out=b4)
+    if kind == "fkl":  # sum p (t - s); a = -p / q  ->  g = q - p
+        loss = _rowdot(p, t.sub_(s), t)
+        return loss, q.sub_(p), 1.0
+    if kind == "jsd":  # beta KL(p||m) + (1-beta) KL(q||m); a = (1-beta) (s - log m)
+        p_log_p = t.mul_(p).sum(-1)
+        log_m = torch.lerp(q, p, beta, out=t).log_().clamp_(min=_LOG_FLOOR)
+        kl_p = p_log_p - _rowdot(p, log_m, b4)
+        d = s.sub_(log_m)
+        kl_q = _rowdot(q, d, b4)
+        return beta * kl_p + (1.0 - beta) * kl_q, d.sub_(kl_q[:, None]).mul_(q), 1.0 - beta
+    if kind == "tvd":  # 0.5 sum |q - p|; a = 0.5 sign(q - p)
+        diff = torch.sub(q, p, out=s)
+        sign = torch.sign(diff, out=t)
+        loss = 0.5 * diff.mul_(sign).sum(-1)
+        return loss, sign.sub_(_rowdot(q, sign, b4)[:, None]).mul_(q), 0.5
+    if kind == "skew_fkl":  # KL(p || m), m = lam p + (1-lam) q; a = -(1-lam) p/m
+        log_m = torch.lerp(q, p, lam, out=s).log_().clamp_(min=_LOG_FLOOR)
+        t_minus = t.sub_(log_m)
+        loss = _rowdot(p, t_minus, s)
+        r = torch.exp(t_minus, out=s)  # p / m
+        return loss, r.sub_(_rowdot(q, r, b4)[:, None]).mul_(q), -(1.0 - lam)
+    if kind == "skew_rkl":  # KL(q || m), m = lam q + (1-lam) p; a = s - log m - lam q/m (+1)
+        log_m = torch.lerp(p, q, lam, out=t).log_().clamp_(min=_LOG_FLOOR)
+        d = s.sub_(log_m)
+        loss = _rowdot(q, d, b4)
+        a = d.sub_(torch.exp(d, out=t), alpha=lam)
+        return loss, a.sub_(_rowdot(q, a, b4)[:, None]).mul_(q), 1.0
+    raise ValueError(f"divergence kind={kind!r} is unknown")
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Loss in the forward with its gradients; the backward returns them scaled."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        h_s: torch.Tensor,
+        w_s: torch.Tensor,
+        b_s: torch.Tensor | None,
+        h_t: torch.Tensor,
+        w_t: torch.Tensor,
+        b_t: torch.Tensor | None,
+        opts: dict[str, Any],
+    ) -> torch.Tensor:
+        kind, beta, lam = opts["kind"], opts["beta"], opts["lam"]
+        need_h, need_w, need_b = opts["need_grad"]
+        inv_t = 1.0 / opts["temperature"]
+        dtype = opts["dtype"]
+        n, vocab = h_s.shape[0], w_s.shape[0]
+        ws, wt = w_s.to(dtype), w_t.to(dtype)
+        # Temperature folded into the (small) hidden chunk and bias instead of the (chunk, V) logits.
+        bs = None if b_s is None else b_s.to(dtype) * inv_t
+        bt = None if b_t is None else b_t.to(dtype) * inv_t
+        grad_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
+        grad_w = torch.zeros_like(ws) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=dtype, device=ws.device) if need_b else None
+        total = torch.zeros((), dtype=dtype, device=ws.device)
+
+        rows = max(min(opts["chunk_size"], n), 1)
+        buffers = [torch.empty((rows, vocab), dtype=dtype, device=ws.device) for _ in range(4)]
+        # Gradient w.r.t. the un-tempered logits, averaged over denom tokens.
+        scale = inv_t / opts["denom"]
+        for start in range(0, n, rows):
+            end = min(start + rows, n)
+            buf: Buffers = tuple(b[: end - start] for b in buffers)  # type: ignore[assignment]
+            hs = h_s[start:end].to(dtype)
+            ht = h_t[start:end].to(dtype)
+            for h, w, b, out in ((hs, ws, bs, buf[0]), (ht, wt, bt, buf[1])):
+                h = h * inv_t if inv_t != 1.0 else h
+                logits = buf[2]
+                if b is None:
+                    torch.mm(h, w.t(), out=logits)
+                else:
+                    torch.addmm(b, h, w.t(), out=logits)
+                torch.log_softmax(logits, dim=-1, out=out).clamp_(min=_LOG_FLOOR)
+            loss, g, c = _fused_loss_and_grad(buf, kind, beta, lam)
+            total += loss.sum()
+            if g is None:
+                continue
+            if grad_h is not None:
+                torch.mm(g, ws, out=grad_h[start:end]).mul_(c * scale)
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), hs, alpha=c * scale)
+            if grad_b is not None:
+                grad_b.add_(g.sum(0), alpha=c * scale)
+
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
+        return total / opts["denom"]
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grads = tuple(
+            None if g is None else (g * grad_output).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)
+        )
+        return grads + (None, None, None, None)
+
+
+def chunked_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    kind: str = "jsd",
+    *,
+    beta: float = 0.5,
+    lam: float = 0.1,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    num_items: int | float | torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean divergence of ``hidden @ weight.T (+ bias)`` logits, computed chunk by chunk.
+
+    hidden: (N, H) or (B, S, H); weights (V, H) (teacher and student may differ in H, not V).
+    Equals ``divergence(h_s @ W_s.T, h_t @ W_t.T, kind, ..., reduction="mean")``: the sum over
+    unmasked tokens divided by ``num_items`` (global token count, for grad accumulation) or the
+    mask count. Masked rows are dropped before any projection. Gradients reach the student hidden
+    states, weight and bias only; half-precision inputs are computed in float32.
+    """
+    check_params(kind, beta, lam, temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"student vocab {student_weight.shape[0]} and teacher vocab {teacher_weight.shape[0]} "
+            "differ; token_kd needs one shared vocabulary (use method cross_tokenizer)"
+        )
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
+            f"{tuple(teacher_hidden.shape)} cover different token positions"
+        )
+    for name, h, w in (("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight)):
+        if h.shape[-1] != w.shape[1]:
+            raise ValueError(f"{name} hidden size {h.shape[-1]} != {name} weight {tuple(w.shape)}[1]")
+    if mask is not None and mask.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"mask {tuple(mask.shape)} != token positions {tuple(student_hidden.shape[:-1])}")
+
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    count: float = float(h_s.shape[0])
+    if mask is not None:
+        keep = mask.reshape(-1).nonzero().squeeze(1)
+        count = float(keep.numel())
+        if keep.numel() != h_s.shape[0]:
+            h_s, h_t = h_s.index_select(0, keep), h_t.index_select(0, keep)
+    denom = max(float(count if num_items is None else num_items), 1.0)
+
+    grad_on = torch.is_grad_enabled()
+    opts = {
+        "kind": kind,
+        "beta": beta,
+        "lam": lam,
+        "temperature": temperature,
+        "denom": denom,
+        "chunk_size": chunk_size,
+        "dtype": functools.reduce(
+            torch.promote_types,
+            [x.dtype for x in (student_hidden, student_weight, teacher_hidden, teacher_weight)],
+            compute_dtype(student_hidden),
+        ),
+        "need_grad": tuple(
+            grad_on and x is not None and x.requires_grad for x in (h_s, student_weight, student_bias)
+        ),
+    }
+    return _ChunkedDivergence.apply(h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, opts)
