@@ -143,7 +143,7 @@ def run_report(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval", help="reasoning accuracy (math-verify) of models on data recipes",
-        description="Greedy generation -> answer extraction -> accuracy with a 95%% Wilson CI.")
+        description="Greedy generation -> answer extraction -> accuracy with a 95% Wilson CI.")
     p.add_argument("config", nargs="?", help="eval YAML (see llmkd.eval.cli); flags override it")
     p.add_argument("--model", action="append", metavar="PATH",
                    help="model dir or 'embedded' (repeat to compare several)")

@@ -64,13 +64,16 @@ def _first_sentence(segment: str) -> str:
     return re.split(r"\.(?:\s|$)", segment, maxsplit=1)[0].strip()
 
 
+def _mv_timeout() -> int | None:
+    """math-verify's timeouts use SIGALRM, which only the main thread may set."""
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
 def _mv_parse(text: str) -> list:
-    """math-verify parse; its timeout uses SIGALRM, which works only in the main thread."""
     from math_verify import parse
 
-    main = threading.current_thread() is threading.main_thread()
     try:
-        return parse(text, parsing_timeout=5 if main else None)
+        return parse(text, parsing_timeout=_mv_timeout())
     except Exception:  # math-verify raises on odd LaTeX; treat as "nothing parsed"
         return []
 
@@ -118,7 +121,7 @@ def extract_answer(text: str | None, kind: str = "numeric") -> str | None:
         first = _YESNO_WORD.match(text.strip(_EDGE_PUNCT))  # "No, because ..." answers up front
         return _YES[(first.group(1) if first else words[-1]).lower()]
     # exact
-    segment = marked if marked is not None else text.strip().split("\n")[-1]
+    segment = _first_sentence(marked) if marked is not None else text.strip().split("\n")[-1]
     return _normalise_exact(segment) or None
 
 
@@ -143,9 +146,8 @@ def _numeric_equal(pred: str, gold: str) -> bool:
 
     gold_parsed, pred_parsed = _mv_parse(f"\\boxed{{{gold}}}"), _mv_parse(f"\\boxed{{{pred}}}")
     if gold_parsed and pred_parsed:
-        main = threading.current_thread() is threading.main_thread()
         try:
-            if verify(gold_parsed, pred_parsed, timeout_seconds=5 if main else None):
+            if verify(gold_parsed, pred_parsed, timeout_seconds=_mv_timeout()):
                 return True
         except Exception:  # fall through to the plain comparison
             pass

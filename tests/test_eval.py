@@ -1,0 +1,173 @@
+"""End-to-end reasoning eval on tiny models (transformers and vLLM backends), report, and CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import llmkd.cli
+from llmkd.eval.reasoning import evaluate_reasoning
+from llmkd.eval.report import write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+N = 4
+
+
+@pytest.fixture(scope="module")
+def eval_runs(tiny_pair: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run dir: the teacher evaluated with hf, the student with vLLM (one engine start)."""
+    teacher, student = tiny_pair
+    run = tmp_path_factory.mktemp("run")
+    for label, model, backend in (("teacher", teacher, "hf"), ("student", student, "vllm")):
+        evaluate_reasoning(model, "arithmetic", backend=backend, num_examples=N, offset=2,
+                           max_new_tokens=6, batch_size=2, output_dir=run / "eval" / label,
+                           label=label, progress=False)
+    return run
+
+
+@pytest.mark.parametrize("label,backend", [("teacher", "hf"), ("student", "vllm")])
+def test_evaluate_reasoning_writes_results(eval_runs: Path, label: str, backend: str) -> None:
+    out = eval_runs / "eval" / label
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["backend"] == backend and metrics["label"] == label
+    assert metrics["recipe"] == "arithmetic" and metrics["answer_kind"] == "numeric"
+    assert metrics["n"] == N and 0.0 <= metrics["ci_low"] <= metrics["accuracy"] <= metrics["ci_high"]
+    assert metrics["time_s"] > 0 and 0 < metrics["mean_new_tokens"] <= 6
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == N and rows[0]["id"].startswith("arithmetic-2-")    # offset respected
+    assert sum(r["correct"] for r in rows) == metrics["num_correct"]
+    assert {"prompt", "gold", "response", "extracted", "finish_reason"} <= set(rows[0])
+
+
+def test_evaluate_reasoning_refuses_to_overwrite(eval_runs: Path, tiny_pair: tuple[str, str]) -> None:
+    with pytest.raises(FileExistsError, match="overwrite"):
+        evaluate_reasoning(tiny_pair[0], "arithmetic", backend="hf", num_examples=1,
+                           output_dir=eval_runs / "eval" / "teacher")
+
+
+def _trainer_state(path: Path, steps: int = 20, offset: float = 0.0) -> None:
+    history = []
+    for s in range(1, steps + 1):
+        history.append({"loss": 3.0 / s + offset, "kl": 1.0 / s, "taid_t": 0.4 + 0.02 * s,
+                        "learning_rate": 1e-4, "grad_norm": 1.5, "epoch": s / steps, "step": s})
+        if s % 5 == 0:
+            history.append({"eval_kl": 1.2 / s, "eval_loss": 2.0 / s, "epoch": s / steps, "step": s})
+    history.append({"train_runtime": 12.5, "train_loss": 1.0, "total_flos": 1e9, "step": steps})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"global_step": steps, "log_history": history}))
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5_000, (path, len(data))
+    from matplotlib.image import imread
+
+    assert imread(path).ndim == 3
+
+
+def test_report_single_run(eval_runs: Path, tmp_path: Path) -> None:
+    _trainer_state(eval_runs / "train" / "trainer_state.json")
+    _trainer_state(eval_runs / "train" / "checkpoint-10" / "trainer_state.json", steps=10)  # ignored
+    summary = write_report([eval_runs], tmp_path / "report")
+    for png in ("accuracy.png", "training_curves.png"):
+        _assert_png(tmp_path / "report" / png)
+    assert {r["label"] for r in summary["evals"]} == {"teacher", "student"}
+    assert len(summary["training"]) == 1 and summary["training"][0]["steps"] == 20
+    assert summary["training"][0]["last"]["taid_t"] == pytest.approx(0.8)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| Model | Recipe | Accuracy (95 % CI) | n |" in md
+    assert "| teacher | arithmetic |" in md and "| student | arithmetic |" in md
+    assert "last eval_kl" in md and "last taid_t" in md and "train_runtime" not in md
+    assert "![accuracy](accuracy.png)" in md
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["plots"] == [
+        "accuracy.png", "training_curves.png"]
+    write_report([eval_runs], tmp_path / "report")          # an earlier report is refreshed
+
+
+def test_report_compares_runs_and_extra_columns(tmp_path: Path) -> None:
+    for name, acc, kl in (("kd", 0.5, 0.3), ("taid", 0.7, 0.2)):
+        ev = tmp_path / name / "eval" / "student"
+        ev.mkdir(parents=True)
+        (ev / "metrics.json").write_text(json.dumps({
+            "recipe": "gsm8k", "accuracy": acc, "ci_low": acc - 0.1, "ci_high": acc + 0.1, "n": 50,
+            "kl_to_teacher": kl, "backend": "vllm"}))
+        _trainer_state(tmp_path / name / "train" / "trainer_state.json", offset=acc)
+    summary = write_report([tmp_path / "kd", tmp_path / "taid"], tmp_path / "cmp")
+    assert [r["label"] for r in summary["evals"]] == ["kd/student", "taid/student"]
+    assert [t["label"] for t in summary["training"]] == ["kd", "taid"]
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "KL to teacher" in md and "| kd/student | gsm8k | 50.0 % [40.0, 60.0] | 50 | 0.3 | vllm |" in md
+    _assert_png(tmp_path / "cmp" / "accuracy.png")
+    _assert_png(tmp_path / "cmp" / "training_curves.png")
+
+
+def test_report_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_report([tmp_path / "nope"], tmp_path / "r")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no metrics.json"):
+        write_report([tmp_path / "empty"], tmp_path / "r")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    (tmp_path / "empty" / "metrics.json").write_text(json.dumps({"accuracy": 1.0, "n": 1}))
+    with pytest.raises(FileExistsError, match="other files"):
+        write_report([tmp_path / "empty"], tmp_path / "busy")
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> object:
+    """Run `llmkd ...` in-process with only the eval/report commands registered."""
+    monkeypatch.setattr(llmkd.cli, "COMMAND_MODULES", ("llmkd.eval.cli",))
+
+    def run(*argv: str) -> tuple[int, str]:
+        rc = llmkd.cli.main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return rc, captured.out + captured.err
+    return run
+
+
+@pytest.fixture
+def no_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad inputs must be caught before any model or dataset is loaded."""
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("evaluation started despite invalid input")
+    monkeypatch.setattr("llmkd.eval.reasoning.evaluate_reasoning", boom)
+
+
+def test_cli_unknown_recipe_lists_available(cli, no_generation, tmp_path: Path) -> None:
+    rc, out = cli("eval", "--model", tmp_path / "missing", "--recipes", "arithmetic,gsm9k")
+    assert rc == 2 and "recipe 'gsm9k' not found" in out and "Did you mean 'gsm8k'" in out
+    assert "Available:" in out and "syllogism" in out and "arc_challenge" in out
+
+
+def test_cli_missing_model_dir(cli, no_generation, tmp_path: Path) -> None:
+    rc, out = cli("eval", "--model", tmp_path / "missing", "--recipes", "arithmetic")
+    assert rc == 2 and "model directory" in out and "does not exist" in out
+
+
+def test_cli_bad_config_key(cli, no_generation, tmp_path: Path) -> None:
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("model: x\nrecipes: [arithmetic]\nnum_exampels: 3\n")
+    rc, out = cli("eval", cfg)
+    assert rc == 2 and "num_exampels" in out and "num_examples" in out
+
+
+def test_cli_eval_config_then_report(cli, tiny_pair: tuple[str, str], tmp_path: Path) -> None:
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"models: {{tiny: {tiny_pair[0]}}}\nrecipes: [arithmetic, syllogism]\n"
+                   f"backend: hf\nnum_examples: 2\nmax_new_tokens: 4\nout: {tmp_path / 'ev'}\n")
+    rc, out = cli("eval", cfg)
+    assert rc == 0, out
+    for recipe in ("arithmetic", "syllogism"):
+        assert (tmp_path / "ev" / "tiny" / recipe / "metrics.json").exists()
+    rc, out = cli("eval", cfg)                                   # results exist: refuse
+    assert rc == 2 and "--overwrite" in out
+    rc, out = cli("report", tmp_path / "ev")
+    assert rc == 0, out
+    md = (tmp_path / "ev" / "report" / "report.md").read_text()
+    assert "| tiny | arithmetic |" in md and "| tiny | syllogism |" in md
+    _assert_png(tmp_path / "ev" / "report" / "accuracy.png")
+    rc, out = cli("report", tmp_path / "ev", tmp_path)
+    assert rc == 2 and "--out" in out
