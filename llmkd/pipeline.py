@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from llmkd.config import DistillationConfig
 from llmkd.data.collate import tokenize_rows
 from llmkd.data.recipes import load_recipe
+from llmkd.methods import get_method
 
 
 def resolve_model_path(name: str) -> str:
@@ -54,6 +55,9 @@ def build_datasets(cfg: DistillationConfig, tokenizer: PreTrainedTokenizerBase) 
         if response == "gold":
             add = lambda ds: ds.map(lambda r: {"response": recipe.gold_response(r["answer"])})  # noqa: E731
             train, evals, response = add(train), add(evals), "response"
+    method = get_method(cfg.method.name)
+    params = method.Params.from_dict(cfg.method.params)
+    train, evals = (method.build_examples(params, ds) for ds in (train, evals))
     return (tokenize_rows(train, tokenizer, response=response, max_length=d.max_length),
             tokenize_rows(evals, tokenizer, response=response, max_length=d.max_length))
 

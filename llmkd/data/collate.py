@@ -79,6 +79,8 @@ class DistillCollator:
             "prompt_input_ids": torch.full((b, p), self.pad, dtype=torch.long),
             "prompt_attention_mask": torch.zeros((b, p), dtype=torch.long),
         }
+        if "task" in rows[0]:   # method-defined task id per row (e.g. rationale vs label)
+            batch["task"] = torch.tensor([int(r["task"]) for r in rows], dtype=torch.long)
         has_topk = "teacher_topk_ids" in rows[0]
         if has_topk:
             k = len(rows[0]["teacher_topk_ids"][0])

@@ -7,14 +7,16 @@ the method for (1) where this batch's responses come from, (2) the teacher's tar
 from __future__ import annotations
 
 import dataclasses
-import random
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
 
 from llmkd.config import check_keys, coerce
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 @dataclass
@@ -56,9 +58,17 @@ class Method:
         self.params = params
         self.teacher = teacher
 
+    # -- data -------------------------------------------------------------------------------
+    @classmethod
+    def build_examples(cls, params: MethodParams, rows: "Dataset") -> "Dataset":
+        """Reshape (prompt, response, ...) rows before tokenization (e.g. one row -> two tasks).
+        Rows may carry an integer `task` column; the collator passes it through."""
+        return rows
+
     # -- what the trainer asks ---------------------------------------------------------------
-    def response_source(self, rng: random.Random) -> str:
-        """'dataset' (off-policy), 'student' (on-policy samples) or 'teacher' (sequence-level KD)."""
+    def response_source(self, rng: Any) -> str:
+        """'dataset' (off-policy), 'student' (on-policy samples) or 'teacher' (sequence-level KD).
+        `rng` has `.random()`; the trainer passes the `random` module, whose state checkpoints keep."""
         return "dataset"
 
     def wants_hidden(self) -> bool:

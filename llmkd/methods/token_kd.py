@@ -6,8 +6,8 @@ The teacher is either live (a model run on the same batch) or offline (top-k log
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,7 @@ class TokenKD(Method):
     name = "token_kd"
     Params = TokenKDParams
 
-    def response_source(self, rng: random.Random) -> str:
+    def response_source(self, rng: Any) -> str:
         if self.params.lmbda > 0 and rng.random() < self.params.lmbda:
             return "student"
         return "teacher" if self.params.seq_kd else "dataset"
