@@ -100,7 +100,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         dtype = opts["dtype"]
         n, vocab = h_s.shape[0], w_s.shape[0]
         ws, wt = w_s.to(dtype), w_t.to(dtype)
-        # Temperature folded into the (small) hidden chunk and bias instead of the (chunk, V) logits.
+        # Temperature is folded into the small hidden chunk and bias, not the (chunk, V) logits.
         bs = None if b_s is None else b_s.to(dtype) * inv_t
         bt = None if b_t is None else b_t.to(dtype) * inv_t
         grad_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
@@ -185,11 +185,15 @@ def chunked_divergence(
             f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
             f"{tuple(teacher_hidden.shape)} cover different token positions"
         )
-    for name, h, w in (("student", student_hidden, student_weight), ("teacher", teacher_hidden, teacher_weight)):
+    for name, h, w in (
+        ("student", student_hidden, student_weight),
+        ("teacher", teacher_hidden, teacher_weight),
+    ):
         if h.shape[-1] != w.shape[1]:
-            raise ValueError(f"{name} hidden size {h.shape[-1]} != {name} weight {tuple(w.shape)}[1]")
-    if mask is not None and mask.shape != student_hidden.shape[:-1]:
-        raise ValueError(f"mask {tuple(mask.shape)} != token positions {tuple(student_hidden.shape[:-1])}")
+            raise ValueError(f"{name} hidden size {h.shape[-1]} != {name} weight dim {w.shape[1]}")
+    positions = tuple(student_hidden.shape[:-1])
+    if mask is not None and tuple(mask.shape) != positions:
+        raise ValueError(f"mask {tuple(mask.shape)} != token positions {positions}")
 
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
@@ -215,7 +219,10 @@ def chunked_divergence(
             compute_dtype(student_hidden),
         ),
         "need_grad": tuple(
-            grad_on and x is not None and x.requires_grad for x in (h_s, student_weight, student_bias)
+            grad_on and x is not None and x.requires_grad
+            for x in (h_s, student_weight, student_bias)
         ),
     }
-    return _ChunkedDivergence.apply(h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, opts)
+    return _ChunkedDivergence.apply(
+        h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, opts
+    )

@@ -64,7 +64,7 @@ def sparse_divergence(
             f"logits positions {tuple(student_logits.shape[:-1])}"
         )
     if teacher_topk_ids.dtype.is_floating_point:
-        raise ValueError(f"teacher_topk_ids must be integer token ids, got {teacher_topk_ids.dtype}")
+        raise ValueError(f"teacher_topk_ids must be integer ids, got {teacher_topk_ids.dtype}")
     vocab = student_logits.shape[-1]
     if teacher_topk_ids.numel() and int(teacher_topk_ids.max()) >= vocab:
         raise ValueError(
@@ -75,7 +75,7 @@ def sparse_divergence(
 
     dtype = compute_dtype(student_logits)
     valid = teacher_topk_ids >= 0
-    # Padded ids point at an extra always-empty column V, so gather/scatter never touch a real token.
+    # Padded ids point at an extra, always empty column V: gather/scatter never hit a real token.
     ids = torch.where(valid, teacher_topk_ids, vocab).long()
     # Both tails are empty when the valid ids cover the vocabulary (k = V): any leftover
     # teacher "tail" is then rounding error and must not be compared with an empty student tail.
