@@ -31,7 +31,8 @@ def held_out_kl(trainer) -> float:
     {"kind": "fkl"}, {"kind": "rkl"}, {"kind": "jsd", "beta": 0.5}, {"kind": "tvd"},
     {"kind": "fkl", "chunk_size": 0},
     {"kind": "jsd", "lmbda": 1.0, "max_new_tokens": 12},
-], ids=["fkl", "rkl", "jsd", "tvd", "fkl-full-logits", "on-policy"])
+    {"kind": "fkl", "seq_kd": True, "max_new_tokens": 12},
+], ids=["fkl", "rkl", "jsd", "tvd", "fkl-full-logits", "on-policy", "seq-kd"])
 def test_token_kd_halves_held_out_kl(tiny_pair, tmp_path, method):
     trainer = build_trainer(make_cfg(tiny_pair, tmp_path / "run", method=method))
     before = held_out_kl(trainer)

@@ -91,12 +91,12 @@ class TokenKD(Method):
         return self.params.chunk_size > 0 and self.params.ce_weight == 0 and self.teacher is not None
 
     def teacher_targets(self, batch: dict[str, torch.Tensor]) -> TeacherTargets:
-        if "teacher_topk_ids" in batch:
+        if self.teacher is None:   # offline: the top-k columns written by `llmkd generate`
+            if "teacher_topk_ids" not in batch:
+                raise ValueError("model.teacher_mode=offline but the data has no teacher_topk_ids column; "
+                                 "point data.path at an `llmkd generate` output made with topk > 0")
             return TeacherTargets(topk_ids=batch["teacher_topk_ids"],
                                   topk_logprobs=batch["teacher_topk_logprobs"])
-        if self.teacher is None:
-            raise ValueError("model.teacher_mode=offline but the batch has no teacher_topk_ids column; "
-                             "point data.path at an `llmkd generate` output with logprobs > 0")
         return TeacherTargets(output=run_head(self.teacher, batch, hidden=self.wants_hidden()))
 
     def loss(self, student: HeadOutput, targets: TeacherTargets, batch: dict[str, torch.Tensor],
