@@ -113,12 +113,14 @@ def _optional(tp: Any) -> bool:
 
 
 def coerce(where: str, raw: dict, cls: type) -> dict:
-    """Type-check YAML values against the dataclass annotations; accept "1e-4" for floats
-    (YAML 1.1 reads exponent notation without a dot as a string)."""
+    """Type-check YAML values against the dataclass annotations. Undo two YAML 1.1 surprises:
+    "1e-4" (no dot) is read as a string, and no/yes as booleans."""
     hints = typing.get_type_hints(cls)
     out = {}
     for key, value in raw.items():
         tp = hints.get(key, Any)
+        if isinstance(value, bool) and not _type_ok(value, tp) and _type_ok("no", tp):
+            value = "yes" if value else "no"    # YAML 1.1 reads save_strategy: no as False
         if isinstance(value, str) and not _type_ok(value, tp) and _type_ok(1.0, tp):
             try:
                 value = float(value)

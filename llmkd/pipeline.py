@@ -70,11 +70,24 @@ def build_models(cfg: DistillationConfig) -> tuple[PreTrainedModel | None, PreTr
     from llmkd.models.student import derive_student, load_causal_lm, wrap_peft
 
     m = cfg.model
+    zero3 = _start_zero3_comm()
     teacher = None
     if m.teacher is not None and (m.teacher_mode == "live" or m.student is None):
         teacher = load_causal_lm(resolve_model_path(m.teacher), dtype=m.teacher_dtype)
     if m.student is not None:
         student = load_causal_lm(resolve_model_path(m.student), dtype=m.student_dtype)
+    elif zero3:
+        # the teacher was partitioned while loading: gather it, and build the student whole
+        # (deepspeed.initialize partitions it later)
+        import deepspeed
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        with deepspeed.zero.GatheredParameters(list(teacher.parameters())):
+            unset_hf_deepspeed_config()
+            try:
+                student = derive_student(teacher, m.student_layers).to(getattr(torch, m.student_dtype))
+            finally:
+                set_hf_deepspeed_config(cfg.hf_deepspeed_config)
     else:
         student = derive_student(teacher, m.student_layers).to(getattr(torch, m.student_dtype))
     if m.teacher_mode == "offline":
@@ -82,6 +95,23 @@ def build_models(cfg: DistillationConfig) -> tuple[PreTrainedModel | None, PreTr
     if m.lora:
         student = wrap_peft(student, m.lora)
     return teacher, student
+
+
+def _start_zero3_comm() -> bool:
+    """Under ZeRO-3, `from_pretrained` partitions weights while loading (deepspeed.zero.Init),
+    which needs DeepSpeed's communicator. accelerate starts it only for GPU runs; with
+    use_cpu=True it would first start inside deepspeed.initialize, after the models load.
+    Start it now: it wraps the (gloo) process group accelerate already formed."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return False
+    import deepspeed
+    import torch
+
+    if torch.distributed.is_initialized():
+        deepspeed.init_distributed()
+    return True
 
 
 def build_trainer(cfg: DistillationConfig):

@@ -36,7 +36,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     trainer.save_state()
     metrics = trainer.evaluate()
     trainer.save_metrics("eval", metrics)
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    if trainer.is_world_process_zero():
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return 0
 
 

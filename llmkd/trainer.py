@@ -45,6 +45,8 @@ class DistillationTrainer(Trainer):
         kwargs.setdefault("data_collator", DistillCollator(_pad_id(processing_class, model)))
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
         self.method = method
+        # ZeRO-3 partitions the lm_head weight: the chunked loss cannot read it, use full logits
+        self.method.hidden_ok = _zero_stage(args) != 3
         self.teacher = teacher
         # We want `num_items_in_batch` (label tokens of the accumulated batch) in compute_loss.
         self.model_accepts_loss_kwargs = True
@@ -115,11 +117,12 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         source = inputs.pop("_source", "dataset")
-        if source != "dataset":
-            # Sampled batches have their own token count; normalise per batch instead.
+        if source != "dataset" or not self.method.uses_num_items:
+            # Sampled batches have their own token count, and some methods normalise per
+            # micro-batch (Method.uses_num_items): then divide by the grad-accumulation steps.
             num_items_in_batch = None
         targets = self.method.teacher_targets(inputs)
-        hidden = self.method.wants_hidden() and not _zero_stage(self.args) == 3
+        hidden = self.method.wants_hidden()
         student = forward_head(model, inputs, hidden=hidden,
                                head_owner=self.accelerator.unwrap_model(model))
         loss, metrics = self.method.loss(student, targets, inputs, num_items_in_batch)
@@ -128,8 +131,12 @@ class DistillationTrainer(Trainer):
         elif self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes   # DDP averages; num_items is global
         prefix = "" if model.training else "eval_"
+        # A loss over num_items (the global accumulated batch) is 1/(GA x ranks) of a mean per
+        # micro-batch: scale the logged components back to per-token means.
+        scale = (self.current_gradient_accumulation_steps * self.accelerator.num_processes
+                 if num_items_in_batch is not None and model.training else 1)
         for key, value in metrics.items():
-            self._metrics[prefix + key].append(value)
+            self._metrics[prefix + key].append(value * scale)
         if model.training:
             self._metrics["on_policy"].append(float(source == "student"))
         return (loss, student) if return_outputs else loss
@@ -189,12 +196,17 @@ class DistillationTrainer(Trainer):
 
 def check_vocab(teacher: PreTrainedModel, student: PreTrainedModel) -> None:
     """Token KD needs one vocabulary: compare output sizes before anything runs."""
-    vt = teacher.get_output_embeddings().weight.shape[0]
-    vs = student.get_output_embeddings().weight.shape[0]
+    # under ZeRO-3 the local tensor is an empty shard; ds_shape is the full shape
+    vt = _full_shape(teacher.get_output_embeddings().weight)[0]
+    vs = _full_shape(student.get_output_embeddings().weight)[0]
     if vt != vs:
         raise ValueError(
             f"teacher vocab ({vt}) != student vocab ({vs}): token_kd needs a shared tokenizer; "
             "use method.name=cross_tokenizer for teacher/student pairs with different tokenizers")
+
+
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase | None, model: PreTrainedModel) -> int:

@@ -53,6 +53,13 @@ class Method:
 
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
+    # True: `loss` divides its sums by `num_items` (grad accumulation = one big batch). False: it
+    # returns a per-micro-batch mean (e.g. a weighted mean of per-task means, which no single
+    # global count can give) and the Trainer divides it by the grad-accumulation steps.
+    uses_num_items: ClassVar[bool] = True
+    # The trainer sets this False where the lm_head weight cannot be read outside the model's
+    # forward (DeepSpeed ZeRO-3 partitions it); `wants_hidden` must then say False.
+    hidden_ok: bool = True
 
     def __init__(self, params: MethodParams, teacher: PreTrainedModel | None) -> None:
         self.params = params

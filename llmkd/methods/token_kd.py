@@ -88,7 +88,8 @@ class TokenKD(Method):
 
     def wants_hidden(self) -> bool:
         # CE and the sparse loss need the student's logits; the dense KD alone can stay chunked.
-        return self.params.chunk_size > 0 and self.params.ce_weight == 0 and self.teacher is not None
+        return (self.hidden_ok and self.params.chunk_size > 0 and self.params.ce_weight == 0
+                and self.teacher is not None)
 
     def teacher_targets(self, batch: dict[str, torch.Tensor]) -> TeacherTargets:
         if self.teacher is None:   # offline: the top-k columns written by `llmkd generate`

@@ -71,4 +71,9 @@ def wrap_peft(model: PreTrainedModel, lora: dict[str, Any]) -> PreTrainedModel:
 
     cfg = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear",
            "task_type": "CAUSAL_LM", **lora}
-    return get_peft_model(model, LoraConfig(**cfg))
+    try:
+        config = LoraConfig(**cfg)
+    except TypeError as err:
+        raise ValueError(f"config: model.lora has an invalid key ({err}); use peft.LoraConfig "
+                         "fields such as r, lora_alpha, lora_dropout, target_modules") from err
+    return get_peft_model(model, config)
