@@ -11,6 +11,7 @@ Eval YAML (every key optional except models/model and recipes)::
     max_new_tokens: 256
     batch_size: 16                        # hf backend only
     use_chat_template: true
+    prompt_prefix: ""                     # before every prompt, e.g. "[label] " (rationale method)
     out: runs/eval                        # results in OUT/<label>/<recipe>/metrics.json
     overwrite: false
 """
@@ -36,6 +37,7 @@ class EvalSpec:
     max_new_tokens: int = 256
     batch_size: int = 16
     use_chat_template: bool = True
+    prompt_prefix: str = ""     # task prefix of a multi-task student ("[label] ", "[rationale] ")
     out: str = "runs/eval"
     overwrite: bool = False
 
@@ -80,7 +82,8 @@ def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
         spec = EvalSpec()
     flags = {"models": args.model, "recipes": args.recipes, "backend": args.backend,
              "num_examples": args.num_examples, "offset": args.offset, "seed": args.seed,
-             "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "out": args.out}
+             "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "out": args.out,
+             "prompt_prefix": args.prompt_prefix}
     for key, value in flags.items():
         if value is not None:
             setattr(spec, key, value)
@@ -121,7 +124,8 @@ def run_eval(args: argparse.Namespace) -> int:
                 path, rec, backend=spec.backend, num_examples=spec.num_examples,
                 offset=spec.offset, seed=spec.seed, max_new_tokens=spec.max_new_tokens,
                 batch_size=spec.batch_size, use_chat_template=spec.use_chat_template,
-                output_dir=out / label / rec.name, label=label, overwrite=spec.overwrite)
+                output_dir=out / label / rec.name, label=label, overwrite=spec.overwrite,
+                prompt_prefix=spec.prompt_prefix)
             print(f"{label:>20s}  {rec.name:<24s} accuracy {100 * m['accuracy']:5.1f} % "
                   f"[{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]  n={m['n']}")
     print(f"results in {out}/; compare with: llmkd report {out}")
@@ -155,6 +159,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--batch-size", type=int, help="batch size of the hf backend")
     p.add_argument("--no-chat-template", action="store_true", help="feed raw prompts")
+    p.add_argument("--prompt-prefix", metavar="TEXT",
+                   help='text before every prompt, e.g. "[label] " or "[rationale] " for a student '
+                        "distilled with method rationale")
     p.add_argument("--out", metavar="DIR", help="results in DIR/<label>/<recipe>/ (default runs/eval)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results")
     p.set_defaults(func=run_eval)

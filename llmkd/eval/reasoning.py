@@ -205,13 +205,15 @@ def evaluate_reasoning(model_path: str | Path, recipe: Any, *, backend: str = "v
                        max_new_tokens: int = 256, batch_size: int = 16,
                        use_chat_template: bool = True, output_dir: str | Path | None = None,
                        label: str | None = None, overwrite: bool = False,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, prompt_prefix: str = "") -> dict[str, Any]:
     """Greedy-generate answers to `num_examples` recipe rows and score them.
 
     `recipe` is a name, a YAML path or a `Recipe`. Inputs (recipe, model dir, output dir) are
     checked before any data or model is loaded. With `output_dir`, writes `predictions.jsonl`
     (one row per example) and `metrics.json` (the returned dict; schema in `llmkd.eval.report`).
     `batch_size` sets the transformers backend's batch; vLLM schedules its own batches.
+    `prompt_prefix` is put before every prompt: a task prefix of a multi-task student, e.g. the
+    rationale method's "[label] " (answer only) or "[rationale] " (rationale, then answer).
     """
     from llmkd.data.collate import chat_prompt_ids
     from llmkd.data.recipes import Recipe, load_recipe
@@ -232,8 +234,9 @@ def evaluate_reasoning(model_path: str | Path, recipe: Any, *, backend: str = "v
 
     rows = rec.load(num_examples, seed=seed, offset=offset)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    texts = [prompt_prefix + p for p in rows["prompt"]]
     prompts = [chat_prompt_ids(tokenizer, p) if use_chat_template
-               else tokenizer(p, add_special_tokens=True)["input_ids"] for p in rows["prompt"]]
+               else tokenizer(p, add_special_tokens=True)["input_ids"] for p in texts]
     max_len = _max_model_len(model_dir, max(map(len, prompts)), max_new_tokens)
     engine_kwargs = {"batch_size": batch_size} if backend == "hf" else {}
     engine = make_backend(backend, model_dir, max_model_len=max_len, **engine_kwargs)
@@ -256,7 +259,7 @@ def evaluate_reasoning(model_path: str | Path, recipe: Any, *, backend: str = "v
         "accuracy": scores["accuracy"], "ci_low": scores["ci_low"], "ci_high": scores["ci_high"],
         "ci_level": 0.95, "n": scores["n"], "num_correct": scores["num_correct"],
         "offset": offset, "seed": seed, "max_new_tokens": max_new_tokens,
-        "use_chat_template": use_chat_template,
+        "use_chat_template": use_chat_template, "prompt_prefix": prompt_prefix,
         "truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
         "mean_new_tokens": new_tokens / len(completions),
         "generation_s": gen_s, "tokens_per_s": new_tokens / gen_s if gen_s > 0 else None,

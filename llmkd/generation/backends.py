@@ -6,6 +6,7 @@ no top-p), which is what sparse KD needs as the teacher's target, whatever the s
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import zlib
@@ -197,10 +198,17 @@ class HFBackend:
             input_ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
         max_new = min(spec.max_new_tokens, self.max_model_len - width)
+        if max_new < 1:
+            raise ValueError(f"a prompt of {width} tokens leaves no room to generate within "
+                             f"max_model_len={self.max_model_len}")
+        # Sampling knobs explicit: unset ones would be filled from the checkpoint's generation_config
+        # or transformers' defaults (top_k=50), unlike vLLM's SamplingParams. Greedy n>1 = copies.
+        reps = 1 if spec.greedy else spec.n
+        sampling = ({"do_sample": False} if spec.greedy else
+                    {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p, "top_k": 0})
         gen_cfg = GenerationConfig(
-            do_sample=not spec.greedy, temperature=spec.temperature if not spec.greedy else None,
-            top_p=spec.top_p if not spec.greedy else None, top_k=None, max_new_tokens=max_new,
-            num_return_sequences=spec.n, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
+            **sampling, repetition_penalty=1.0, max_new_tokens=max_new,
+            num_return_sequences=reps, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
             return_dict_in_generate=True, output_logits=bool(spec.logprobs),
         )
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -224,7 +232,9 @@ class HFBackend:
                 topk_ids=topi[r, :len(ids)].tolist() if topi is not None else None,
                 topk_logprobs=topv[r, :len(ids)].tolist() if topv is not None else None,
             ))
-        return [comps[i * spec.n:(i + 1) * spec.n] for i in range(len(prompts))]
+        if spec.greedy:
+            return [[dataclasses.replace(c) for _ in range(spec.n)] for c in comps]
+        return [comps[i * reps:(i + 1) * reps] for i in range(len(prompts))]
 
     def close(self) -> None:
         self.model = None

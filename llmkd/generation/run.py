@@ -12,11 +12,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from llmkd.generation.backends import BACKENDS, DTYPES, SamplingSpec
+from llmkd.generation.backends import BACKENDS, DTYPES, Completion, SamplingSpec
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from llmkd.data.recipes import Recipe
+    from llmkd.generation.rationales import YieldCounter
 
 MODES = ("response", "rationale")
 
@@ -116,7 +122,7 @@ def resolve_model(model: str) -> Path:
     return p.resolve()
 
 
-def _schema(cfg: GenerationConfig):
+def _schema(cfg: GenerationConfig) -> pa.Schema:
     import pyarrow as pa
 
     ids = pa.list_(pa.int32())
@@ -133,7 +139,8 @@ def _schema(cfg: GenerationConfig):
     return pa.schema(cols)
 
 
-def build_prompts(cfg: GenerationConfig, recipe: Any, tokenizer: Any, questions: list[str]) -> list[list[int]]:
+def build_prompts(cfg: GenerationConfig, recipe: Recipe, tokenizer: Any,
+                  questions: list[str]) -> list[list[int]]:
     """Token ids of each full prompt (chat template with generation prompt, or plain text)."""
     from llmkd.generation.rationales import fewshot_messages, fewshot_text
 
@@ -154,8 +161,8 @@ def build_prompts(cfg: GenerationConfig, recipe: Any, tokenizer: Any, questions:
     return out
 
 
-def _rows_for(cfg: GenerationConfig, row: dict, prompt_ids: list[int], comps: list, todo: set[int],
-              kind: str, counter: Any) -> tuple[list[dict], list[tuple]]:
+def _rows_for(cfg: GenerationConfig, row: dict, prompt_ids: list[int], comps: list[Completion],
+              todo: set[int], kind: str, counter: YieldCounter) -> tuple[list[dict], list[tuple]]:
     """Parquet rows for one prompt's completions (only the sample indices in `todo`)."""
     from llmkd.generation.rationales import check, parse_rationale, parse_response
 
@@ -200,8 +207,9 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
     model_dir = resolve_model(cfg.model)
     recipe = load_recipe(cfg.recipe, path=cfg.data_path)
     data = recipe.load(cfg.num_prompts, seed=cfg.seed, offset=cfg.offset)
+    records = data.select_columns(["id", "prompt", "answer"]).to_list()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    prompt_ids = build_prompts(cfg, recipe, tokenizer, data["prompt"])
+    prompt_ids = build_prompts(cfg, recipe, tokenizer, [r["prompt"] for r in records])
     writer = ShardWriter(cfg.output_dir, cfg.fingerprint_fields(model_dir), _schema(cfg),
                          shard_size=cfg.shard_size)
 
@@ -214,7 +222,7 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
         if len(ids) > limit:
             counter.skipped_too_long += 1
             continue
-        missing = {s for s in range(cfg.n) if (data[i]["id"], s) not in done}
+        missing = {s for s in range(cfg.n) if (records[i]["id"], s) not in done}
         if missing:
             todo.append((i, missing))
 
@@ -232,7 +240,7 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
             gen_seconds += time.perf_counter() - t0
             for (i, missing), comps in zip(batch, outs):
                 new_tokens += sum(len(c.token_ids) for c in comps)
-                rows, dropped = _rows_for(cfg, data[i], prompt_ids[i], comps, missing,
+                rows, dropped = _rows_for(cfg, records[i], prompt_ids[i], comps, missing,
                                          recipe.answer_kind, counter)
                 writer.add(rows, dropped)
             writer.flush()

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +26,9 @@ import pyarrow.parquet as pq
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-*.parquet"
 TMP_MARK = ".tmp-"
+if TYPE_CHECKING:
+    from datasets import Dataset
+
 FINGERPRINT_KEY = b"llmkd_fingerprint"
 DROPPED_KEY = b"llmkd_dropped"
 
@@ -169,7 +172,7 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_generated(out_dir: str | Path):
+def load_generated(out_dir: str | Path) -> Dataset:
     """All rows of a generation dir as one `datasets.Dataset` (shard order = write order)."""
     from datasets import load_dataset
 
