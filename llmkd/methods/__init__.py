@@ -6,7 +6,8 @@ import importlib
 
 from llmkd.methods.base import Method
 
-METHODS = {"token_kd": "llmkd.methods.token_kd:TokenKD"}
+METHODS = {"token_kd": "llmkd.methods.token_kd:TokenKD",
+           "rationale": "llmkd.methods.rationale:Rationale"}
 
 
 def get_method(name: str) -> type[Method]:
