@@ -161,3 +161,12 @@ def test_metric_loads_offline(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None
     assert metric.compute(predictions=["(C)"], references=["C"], kind="choice")["accuracy"] == 1.0
     with pytest.raises(ValueError, match="not shipped"):
         load_metric("accuracy")
+
+
+@pytest.mark.parametrize("text, correct", [
+    ("The answer is 4 + 8 + 4.", False),      # the question restated is not an answer
+    ("The answer is 4 + 8 + 4 = 16.", True),  # the value after '=' is
+    ("So the answer is 16.", True),
+])
+def test_unevaluated_expression_is_not_credited(text, correct):
+    assert is_correct(text, "16", "numeric") is correct

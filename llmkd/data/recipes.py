@@ -102,7 +102,10 @@ class Recipe:
                 f"recipe {self.name}: dataset columns {raw.column_names} lack {missing} needed by "
                 "prompt_template/answer_field; fix the recipe fields or the data file")
         end = len(raw) if size is None else min(len(raw), offset + size)
-        raw = raw.select(range(min(offset, len(raw)), end))
+        if offset >= end:
+            raise ValueError(f"recipe {self.name}: offset={offset} leaves no rows (the data has "
+                             f"{len(raw)}); use fewer training rows or more data")
+        raw = raw.select(range(offset, end))
         transform = ANSWER_TRANSFORMS[self.answer_transform]
 
         def fmt(row: dict, idx: int) -> dict:

@@ -59,6 +59,10 @@ def _after_last_marker(text: str) -> str | None:
     return rest.split("\n", 1)[0].strip() or None
 
 
+# two operands joined by an operator (a plain fraction like 3/4 is a value, not an expression)
+_EXPRESSION = re.compile(r"\d\s*[-+*×·]\s*-?\d|\d\s*/\s*\d+\s*[-+*/×·]")
+
+
 def _first_sentence(segment: str) -> str:
     """Cut 'answer is 42. Next, ...' at the sentence end (a '.' that is not a decimal point)."""
     return re.split(r"\.(?:\s|$)", segment, maxsplit=1)[0].strip()
@@ -79,10 +83,17 @@ def _mv_parse(text: str) -> list:
 
 
 def _numeric_from(segment: str) -> str | None:
-    """A number/expression from a short segment: math-verify first, then the last plain number."""
+    """A value from a short segment: math-verify first, then the last plain number.
+
+    An unevaluated expression ("4 + 8 + 4", often the question restated) is not an answer:
+    math-verify would evaluate it and credit the model with arithmetic it never did. What
+    follows the last "=" is the stated value ("4 + 8 = 12" states 12).
+    """
+    if "=" in segment:
+        segment = segment.rsplit("=", 1)[1]
     parsed = _mv_parse(segment if "$" in segment or "\\" not in segment else f"${segment}$")
-    if len(parsed) >= 2 and str(parsed[1]).strip():
-        return str(parsed[1]).strip()
+    if len(parsed) >= 2 and (value := str(parsed[1]).strip()) and not _EXPRESSION.search(value):
+        return value
     numbers = _NUMBER.findall(segment)
     return numbers[-1].replace(",", "").replace(" ", "") if numbers else None
 

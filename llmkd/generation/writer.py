@@ -176,8 +176,12 @@ def load_generated(out_dir: str | Path) -> Dataset:
     """All rows of a generation dir as one `datasets.Dataset` (shard order = write order)."""
     from datasets import load_dataset
 
+    import pyarrow.parquet as pq
+
     read_manifest(out_dir)
-    files = [str(p) for p in _shards(Path(out_dir))]
+    # a shard can be empty (every row of a batch filtered out; it still records the skipped
+    # keys for resume); the parquet loader rejects empty files, so leave those out
+    files = [str(p) for p in _shards(Path(out_dir)) if pq.ParquetFile(p).metadata.num_rows > 0]
     if not files:
         raise ValueError(f"generation dir {str(out_dir)!r} has no shards yet; run `llmkd generate`")
     return load_dataset("parquet", data_files=files, split="train")
