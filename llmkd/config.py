@@ -214,12 +214,17 @@ def config_from_dict(raw: dict) -> DistillationConfig:
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> DistillationConfig:
-    """YAML (safe_load) + `--set` overrides -> validated DistillationConfig."""
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file (safe_load) whose top level is a mapping; clear errors otherwise."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        raise FileNotFoundError(f"{what} file {str(p)!r} does not exist")
     raw = yaml.safe_load(p.read_text()) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"config {p}: top level must be a mapping")
-    return config_from_dict(apply_overrides(raw, overrides or []))
+        raise ValueError(f"{what} {str(p)!r}: top level must be a mapping of keys to values")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> DistillationConfig:
+    """YAML (safe_load) + `--set` overrides -> validated DistillationConfig."""
+    return config_from_dict(apply_overrides(read_yaml_mapping(path), overrides or []))

@@ -7,25 +7,21 @@ Every stage writes to disk under --out, so a stage can be inspected or rerun on 
 """
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from llmkd.config import apply_overrides, check_keys
+from llmkd.config import apply_overrides, check_keys, read_yaml_mapping
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 KEYS = ["recipe", "num_train_prompts", "num_eval_prompts", "generate", "distill", "eval"]
 
 
 def load_quickstart_config(path: str | Path | None, overrides: list[str]) -> dict[str, Any]:
-    p = Path(path) if path else DEFAULT_CONFIG
-    if not p.is_file():
-        raise FileNotFoundError(f"quickstart config {str(p)!r} does not exist")
-    raw = apply_overrides(yaml.safe_load(p.read_text()) or {}, overrides)
+    raw = apply_overrides(read_yaml_mapping(path or DEFAULT_CONFIG, "quickstart config"), overrides)
     check_keys("", raw, KEYS)
     return raw
 
@@ -62,7 +58,7 @@ def run_quickstart(config: str | Path | None, out: str | Path, overrides: list[s
     run_generation(gen)
     t = _stage("generate", timings, t)
 
-    dcfg = yaml.safe_load(yaml.safe_dump(q["distill"]))   # deep copy
+    dcfg = copy.deepcopy(q["distill"])
     dcfg.setdefault("data", {}).update(path=str(out / "generate"), num_train=n_train, num_eval=n_eval)
     dcfg.update(output_dir=str(out / "student"), overwrite_output_dir=True, report_to="none")
     trainer = build_trainer(config_from_dict(dcfg))

@@ -22,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from llmkd.config import DistillationConfig
 from llmkd.data.collate import DistillCollator
 from llmkd.methods import get_method
-from llmkd.methods.base import HeadOutput, Method
+from llmkd.methods.base import Method
 from llmkd.methods.token_kd import forward_head
 
 METHOD_STATE = "llmkd_method_state.json"

@@ -66,16 +66,9 @@ class EvalSpec:
 
 def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
     if args.config:
-        import yaml
+        from llmkd.config import check_keys, coerce, read_yaml_mapping
 
-        from llmkd.config import check_keys, coerce
-
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"eval config {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"eval config {path}: top level must be a mapping")
+        raw = read_yaml_mapping(args.config, "eval config")
         check_keys("", raw, [f.name for f in fields(EvalSpec)])
         spec = EvalSpec(**coerce("", raw, EvalSpec))
     else:

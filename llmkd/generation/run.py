@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 
 from llmkd.generation.backends import BACKENDS, DTYPES, Completion, SamplingSpec
 
@@ -94,16 +93,9 @@ class GenerationConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> GenerationConfig:
     """YAML file (optional) + `key=value` overrides -> validated GenerationConfig."""
-    from llmkd.config import apply_overrides, check_keys, coerce
+    from llmkd.config import apply_overrides, check_keys, coerce, read_yaml_mapping
 
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"generation config {str(p)!r} not found")
-        raw = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"generation config {str(p)!r}: expected a mapping of keys to values")
+    raw = read_yaml_mapping(path, "generation config") if path is not None else {}
     raw = apply_overrides(raw, list(overrides))
     check_keys("", raw, [f.name for f in dataclasses.fields(GenerationConfig)])
     return GenerationConfig(**coerce("", raw, GenerationConfig))
