@@ -4,7 +4,7 @@
         [--steps 60] [--num-eval 64] [--work runs/bench-rationale] [--overwrite]
 
 1. The teacher (SmolLM2-135M-Instruct) writes few-shot chain-of-thought rationales with vLLM for
-   `--num-prompts` questions of benchmarks/recipes/arithmetic_cot.yaml (3-term +/-), `--samples`
+   `--num-prompts` questions of data_recipes/arithmetic_cot.yaml (3-term +/-), `--samples`
    each (`llmkd generate`, mode rationale; greedy by default). Every completion is stored; the
    rationale method then trains only on those whose answer is right (method.keep_incorrect=false).
 2. Two students, both derived from the teacher by keeping `--student-layers` of its 30 layers,
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
-RECIPE = HERE / "recipes" / "arithmetic_cot.yaml"
+RECIPE = HERE.parent / "data_recipes" / "arithmetic_cot.yaml"
 LABEL_PREFIX, RATIONALE_PREFIX = "[label] ", "[rationale] "
 
 
