@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from transformers import TrainingArguments
 
+DTYPES = ("float32", "bfloat16", "float16")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -119,7 +120,7 @@ def coerce(where: str, raw: dict, cls: type) -> dict:
     out = {}
     for key, value in raw.items():
         tp = hints.get(key, Any)
-        if isinstance(value, bool) and not _type_ok(value, tp) and _type_ok("no", tp):
+        if isinstance(value, bool) and key.endswith("_strategy") and not _type_ok(value, tp):
             value = "yes" if value else "no"    # YAML 1.1 reads save_strategy: no as False
         if isinstance(value, str) and not _type_ok(value, tp) and _type_ok(1.0, tp):
             try:
@@ -171,6 +172,9 @@ def validate_sections(cfg: DistillationConfig) -> None:
     if m.teacher_mode == "live" and m.teacher is None:
         raise ValueError("config: model.teacher is missing; set a model dir, 'embedded', or "
                          "model.teacher_mode=offline with a generated dataset in data.path")
+    for name in ("teacher_dtype", "student_dtype"):
+        if getattr(m, name) not in DTYPES:
+            raise ValueError(f"config: model.{name}={getattr(m, name)!r} is unknown; use one of {DTYPES}")
     _check_model_path("teacher", m.teacher)
     _check_model_path("student", m.student)
     if m.student is None and m.teacher is None:
@@ -203,9 +207,19 @@ def config_from_dict(raw: dict) -> DistillationConfig:
             raise ValueError(f"config: {name} must be a mapping, found {section!r}")
         check_keys(f"{name}.", section, [f.name for f in dataclasses.fields(cls)])
         kwargs[name] = cls(**coerce(f"{name}.", section, cls))
-    method = dict(raw.pop("method", None) or {"name": "token_kd"})
+    method = raw.pop("method", None) or {"name": "token_kd"}
+    if not isinstance(method, dict):
+        raise ValueError(f"config: method must be a mapping, found {method!r}; "
+                         f"e.g. method: {{name: {method}}}")
+    method = dict(method)
     kwargs["method"] = MethodSpec(name=method.pop("name", "token_kd"), params=method)
+    resume = raw.pop("resume_from_checkpoint", None)   # a path, or true = the last checkpoint
     raw = coerce("", raw, DistillationConfig)
+    if resume not in (None, False):
+        if resume is not True and not Path(str(resume)).is_dir():
+            raise FileNotFoundError(f"config: resume_from_checkpoint={resume!r} is not a checkpoint "
+                                    "directory; give checkpoint-N under output_dir, or true for the last one")
+        raw["resume_from_checkpoint"] = resume if resume is True else str(resume)
     raw.setdefault("output_dir", "runs/distill")
     raw.setdefault("report_to", "none")
     raw.setdefault("remove_unused_columns", False)   # collator needs the raw columns

@@ -14,15 +14,7 @@ from llmkd.config import DistillationConfig
 from llmkd.data.collate import tokenize_rows
 from llmkd.data.recipes import load_recipe
 from llmkd.methods import get_method
-
-
-def resolve_model_path(name: str) -> str:
-    """'embedded' -> the converted SmolLM2 directory; anything else unchanged."""
-    if name == "embedded":
-        from llmkd.models.embedded import embedded_teacher_dir
-
-        return str(embedded_teacher_dir())
-    return name
+from llmkd.models.embedded import resolve_model_name
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -73,9 +65,9 @@ def build_models(cfg: DistillationConfig) -> tuple[PreTrainedModel | None, PreTr
     zero3 = _start_zero3_comm()
     teacher = None
     if m.teacher is not None and (m.teacher_mode == "live" or m.student is None):
-        teacher = load_causal_lm(resolve_model_path(m.teacher), dtype=m.teacher_dtype)
+        teacher = load_causal_lm(resolve_model_name(m.teacher), dtype=m.teacher_dtype)
     if m.student is not None:
-        student = load_causal_lm(resolve_model_path(m.student), dtype=m.student_dtype)
+        student = load_causal_lm(resolve_model_name(m.student), dtype=m.student_dtype)
     elif zero3:
         # the teacher was partitioned while loading: gather it, and build the student whole
         # (deepspeed.initialize partitions it later)
@@ -119,7 +111,7 @@ def build_trainer(cfg: DistillationConfig):
     from llmkd.trainer import DistillationTrainer
 
     m = cfg.model
-    tok_path = resolve_model_path(m.student if m.student is not None else m.teacher)
+    tok_path = resolve_model_name(m.student if m.student is not None else m.teacher)
     tokenizer = load_tokenizer(tok_path)
     train, evals = build_datasets(cfg, tokenizer)
     teacher, student = build_models(cfg)

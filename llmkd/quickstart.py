@@ -17,6 +17,7 @@ from typing import Any
 from llmkd.config import apply_overrides, check_keys, read_yaml_mapping
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+DRAFT_GAMMA = 4   # draft length for the analytic block efficiency (student as a speculative draft)
 KEYS = ["recipe", "num_train_prompts", "num_eval_prompts", "generate", "distill", "eval"]
 
 
@@ -37,6 +38,7 @@ def run_quickstart(config: str | Path | None, out: str | Path, overrides: list[s
     from llmkd.config import config_from_dict
     from llmkd.eval.closeness import teacher_closeness
     from llmkd.eval.reasoning import evaluate_reasoning
+    from llmkd.eval.speculative import block_efficiency
     from llmkd.eval.report import write_report
     from llmkd.generation.run import GenerationConfig, run_generation
     from llmkd.models.embedded import embedded_teacher_dir
@@ -85,7 +87,8 @@ def run_quickstart(config: str | Path | None, out: str | Path, overrides: list[s
                                  output_dir=out / "eval" / label, label=label, overwrite=True)
         close = closeness.get(label, {"kl": 0.0, "top1_agreement": 1.0, "acceptance": 1.0})
         res.update(kl_to_teacher=close["kl"], top1_agreement=close["top1_agreement"],
-                   acceptance_rate=close["acceptance"])
+                   acceptance_rate=close["acceptance"],
+                   block_efficiency=block_efficiency(close["acceptance"], DRAFT_GAMMA))
         (out / "eval" / label / "metrics.json").write_text(json.dumps(res, indent=2))
         results[label] = res
     t = _stage("evaluate", timings, t)

@@ -127,14 +127,17 @@ class DistillationTrainer(Trainer):
                                head_owner=self.accelerator.unwrap_model(model))
         loss, metrics = self.method.loss(student, targets, inputs, num_items_in_batch)
         if num_items_in_batch is None and model.training:
-            loss = loss / self.args.gradient_accumulation_steps
+            loss = loss / self.current_gradient_accumulation_steps
         elif self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes   # DDP averages; num_items is global
         prefix = "" if model.training else "eval_"
         # A loss over num_items (the global accumulated batch) is 1/(GA x ranks) of a mean per
         # micro-batch: scale the logged components back to per-token means.
-        scale = (self.current_gradient_accumulation_steps * self.accelerator.num_processes
-                 if num_items_in_batch is not None and model.training else 1)
+        scale = 1
+        if num_items_in_batch is not None and model.training:
+            scale = self.current_gradient_accumulation_steps
+            if self.args.average_tokens_across_devices:   # num_items is then the global count
+                scale *= self.accelerator.num_processes
         for key, value in metrics.items():
             self._metrics[prefix + key].append(value * scale)
         if model.training:
@@ -202,7 +205,8 @@ def check_vocab(teacher: PreTrainedModel, student: PreTrainedModel) -> None:
     if vt != vs:
         raise ValueError(
             f"teacher vocab ({vt}) != student vocab ({vs}): token_kd needs a shared tokenizer; "
-            "use method.name=cross_tokenizer for teacher/student pairs with different tokenizers")
+            "pairs with different tokenizers need cross-tokenizer distillation (method "
+            "cross_tokenizer, designed but not built yet)")
 
 
 def _full_shape(param: torch.Tensor) -> tuple[int, ...]:

@@ -43,6 +43,9 @@ def test_yaml_sections_overrides_and_training_args(tiny_pair, tmp_path):
     (lambda r: r["data"].__setitem__("num_train", "many"), "data.num_train='many' has type str"),
     (lambda r: r["model"].__setitem__("teacher", "/no/such/model"), "model.teacher='/no/such/model' is not a model directory"),
     (lambda r: r["data"].__setitem__("recipe", "arithmetc"), "Did you mean 'arithmetic'"),
+    (lambda r: r["model"].__setitem__("student_dtype", "bf16"), "model.student_dtype='bf16' is unknown"),
+    (lambda r: r.__setitem__("method", "token_kd"), "method must be a mapping"),
+    (lambda r: r.__setitem__("resume_from_checkpoint", "/no/ckpt"), "is not a checkpoint directory"),
 ])
 def test_bad_config_fails_early_with_clear_error(tiny_pair, tmp_path, mutate, message, capsys):
     raw = base(tiny_pair, tmp_path / "out")
@@ -89,3 +92,16 @@ def test_non_empty_output_dir_is_never_overwritten(tiny_pair, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     cfg = config_from_dict({**base(tiny_pair, out), "overwrite_output_dir": True})
     assert cfg.overwrite_output_dir
+
+
+def test_resume_true_means_last_checkpoint(tiny_pair, tmp_path):
+    raw = {**base(tiny_pair, tmp_path / "out"), "resume_from_checkpoint": True, "save_strategy": False}
+    cfg = config_from_dict(raw)
+    assert cfg.resume_from_checkpoint is True and cfg.save_strategy == "no"
+
+
+def test_offline_teacher_cannot_score_new_samples(tiny_pair, tmp_path):
+    from llmkd.methods.token_kd import TokenKD, TokenKDParams
+
+    with pytest.raises(ValueError, match="teacher_mode=live"):
+        TokenKD(TokenKDParams(lmbda=0.5), teacher=None)

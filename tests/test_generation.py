@@ -221,7 +221,7 @@ def test_config_validation(tmp_path):
         load_config(None, ["mode=cot"])
     cfg = load_config(REPO / "configs/generate/rationale.yaml", ["n=2", "engine.tensor_parallel_size=2"])
     assert cfg.n == 2 and cfg.mode == "rationale" and not cfg.keep_all
-    assert cfg.engine == {"tensor_parallel_size": 2} and cfg.prompts_per_batch == 64
+    assert cfg.engine == {"tensor_parallel_size": 2} and cfg.prompts_per_batch == 16  # batch_size wins
     assert load_config(REPO / "configs/generate/quickstart.yaml").keep_all
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         run_mod.resolve_model(str(tmp_path))

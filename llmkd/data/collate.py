@@ -41,7 +41,9 @@ def tokenize_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, respo
     eos = tokenizer.eos_token_id
 
     def encode(row: dict[str, Any]) -> dict[str, Any]:
-        prompt = chat_prompt_ids(tokenizer, row["prompt"])
+        # generated rows carry the exact prompt the teacher saw (chat template, system prompt)
+        prompt = list(row["prompt_token_ids"]) if exact and row.get("prompt_token_ids") else \
+            chat_prompt_ids(tokenizer, row["prompt"])
         if exact:
             resp = list(row["response_token_ids"])
         else:

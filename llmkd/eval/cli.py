@@ -91,6 +91,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from llmkd.data.recipes import load_recipe
     from llmkd.eval.reasoning import evaluate_reasoning
     from llmkd.generation.backends import BACKENDS, _check_model_dir
+    from llmkd.models.embedded import resolve_model_name
 
     spec = _spec_from_args(args)
     # Everything the user typed is checked here, before any dataset or model is loaded.
@@ -108,10 +109,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 raise FileExistsError(f"{out / label / rec.name / 'metrics.json'} exists; pass "
                                       "--overwrite or another --out (nothing was run)")
     for label, path in models.items():
-        if path == "embedded":
-            from llmkd.models.embedded import embedded_teacher_dir
-
-            path = str(embedded_teacher_dir())
+        path = resolve_model_name(path)
         for rec in recipes:
             m = evaluate_reasoning(
                 path, rec, backend=spec.backend, num_examples=spec.num_examples,

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from llmkd.eval.speculative import acceptance_rate
 from llmkd.losses import per_token_divergence
 
 
@@ -29,7 +30,7 @@ def teacher_closeness(student: torch.nn.Module, teacher: torch.nn.Module, featur
         s, t = s[mask], t[mask]
         sums["kl"] += per_token_divergence(s, t, "fkl").sum().item()
         sums["top1_agreement"] += (s.argmax(-1) == t.argmax(-1)).sum().item()
-        sums["acceptance"] += torch.minimum(s.exp(), t.exp()).sum(-1).sum().item()
+        sums["acceptance"] += acceptance_rate(t.exp(), s.exp()).item() * s.shape[0]
         sums["student_nll"] += -s.gather(-1, labels[mask][:, None]).sum().item()
         count += int(mask.sum())
     return {k: v / max(count, 1) for k, v in sums.items()} | {"tokens": count}

@@ -103,11 +103,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ge
 
 def resolve_model(model: str) -> Path:
     """A local model dir; "embedded" is materialised on first use by `llmkd.models.embedded`."""
-    if model == "embedded":
-        from llmkd.models.embedded import embedded_teacher_dir
+    from llmkd.models.embedded import resolve_model_name
 
-        return embedded_teacher_dir()
-    p = Path(model).expanduser()
+    p = Path(resolve_model_name(model)).expanduser()
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"config: model={model!r} is not a model directory (no config.json); "
                                 "give a local dir with config.json + safetensors, or 'embedded'")

@@ -178,7 +178,8 @@ def chunked_divergence(
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(
             f"student vocab {student_weight.shape[0]} and teacher vocab {teacher_weight.shape[0]} "
-            "differ; token_kd needs one shared vocabulary (use method cross_tokenizer)"
+            "differ; token_kd needs one shared vocabulary (different tokenizers need cross-tokenizer "
+            "distillation, not built yet)"
         )
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(

@@ -137,7 +137,7 @@ def divergence(
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ; token_kd needs one shared vocabulary "
-            "(use method cross_tokenizer for different tokenizers)"
+            "(different tokenizers need cross-tokenizer distillation, not built yet)"
         )
     dtype = compute_dtype(student_logits)
     s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)

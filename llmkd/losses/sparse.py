@@ -69,8 +69,8 @@ def sparse_divergence(
     if teacher_topk_ids.numel() and int(teacher_topk_ids.max()) >= vocab:
         raise ValueError(
             f"teacher top-k id {int(teacher_topk_ids.max())} is outside the student vocabulary "
-            f"of {vocab}; teacher and student must share one tokenizer (use method "
-            "cross_tokenizer otherwise)"
+            f"of {vocab}; teacher and student must share one tokenizer (cross-tokenizer "
+            "distillation is not built yet)"
         )
 
     dtype = compute_dtype(student_logits)

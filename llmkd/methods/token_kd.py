@@ -81,6 +81,12 @@ class TokenKD(Method):
     name = "token_kd"
     Params = TokenKDParams
 
+    def __init__(self, params: TokenKDParams, teacher: "torch.nn.Module | None") -> None:
+        if teacher is None and (params.lmbda > 0 or params.seq_kd):
+            raise ValueError("config: method.lmbda > 0 / method.seq_kd need model.teacher_mode=live: "
+                             "offline top-k columns only cover the generated responses, not new samples")
+        super().__init__(params, teacher)
+
     def response_source(self, rng: Any) -> str:
         if self.params.lmbda > 0 and rng.random() < self.params.lmbda:
             return "student"

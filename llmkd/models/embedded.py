@@ -35,6 +35,11 @@ def gguf_path() -> Path:
     return Path(dist.locate_file(files[0])).resolve()
 
 
+def resolve_model_name(name: str) -> str:
+    """'embedded' -> the converted SmolLM2 directory; any other dir or hub id unchanged."""
+    return str(embedded_teacher_dir()) if name == "embedded" else name
+
+
 def embedded_teacher_dir(*, force: bool = False) -> Path:
     """Return the safetensors directory of the embedded teacher, converting it on first use."""
     target = cache_root() / "models" / EMBEDDED_NAME
@@ -58,7 +63,10 @@ def embedded_teacher_dir(*, force: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}-", dir=target.parent))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if target.exists():
+    if force and target.exists():
         shutil.rmtree(target)
-    os.replace(tmp, target)   # atomic: a killed conversion never leaves a half directory
+    try:
+        os.replace(tmp, target)   # a killed conversion never leaves a half-written target
+    except OSError:               # another process (e.g. another rank) converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
     return target

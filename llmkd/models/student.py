@@ -59,7 +59,7 @@ def derive_student(teacher: PreTrainedModel, keep: str | int | list[int]) -> Pre
     return student
 
 
-def load_causal_lm(path: str | Path, *, dtype: str = "float32", role: str = "model") -> PreTrainedModel:
+def load_causal_lm(path: str | Path, *, dtype: str = "float32") -> PreTrainedModel:
     """Load a causal LM safely (safetensors only, no remote code)."""
     return AutoModelForCausalLM.from_pretrained(
         str(path), dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True)
