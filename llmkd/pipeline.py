@@ -35,9 +35,7 @@ def build_datasets(cfg: DistillationConfig, tokenizer: PreTrainedTokenizerBase) 
         from llmkd.generation.writer import load_generated
 
         rows = load_generated(d.path)
-        n_eval = min(d.num_eval, max(len(rows) // 5, 1))
-        train = rows.select(range(min(d.num_train, len(rows) - n_eval)))
-        evals = rows.select(range(len(rows) - n_eval, len(rows)))
+        train, evals = split_by_prompt(rows, d.num_train, d.num_eval)
         response = "response"
     else:
         recipe = load_recipe(d.recipe or "arithmetic", path=d.path)
@@ -52,6 +50,26 @@ def build_datasets(cfg: DistillationConfig, tokenizer: PreTrainedTokenizerBase) 
     train, evals = (method.build_examples(params, ds) for ds in (train, evals))
     return (tokenize_rows(train, tokenizer, response=response, max_length=d.max_length),
             tokenize_rows(evals, tokenizer, response=response, max_length=d.max_length))
+
+
+def split_by_prompt(rows: Dataset, num_train: int, num_eval: int) -> tuple[Dataset, Dataset]:
+    """Split generated rows by *prompt* (every sample of a prompt on one side), so held-out
+    prompts never leak into training: the first `num_train` prompt indices train, the next
+    `num_eval` are held out (the quickstart evaluates exactly those). With too few prompts, the
+    last fifth is held out. The prompt index is the middle field of a recipe id (name-INDEX-hash).
+    """
+    index = [int(i.rsplit("-", 2)[1]) for i in rows["id"]]
+    prompts = sorted(set(index))
+    if len(prompts) > num_train:
+        train_p, eval_p = set(prompts[:num_train]), set(prompts[num_train:num_train + num_eval])
+    else:
+        n_eval = max(1, len(prompts) // 5)
+        train_p, eval_p = set(prompts[:-n_eval]), set(prompts[-n_eval:])
+    if not train_p:
+        raise ValueError(f"the generated data has {len(prompts)} prompt(s): too few to split into "
+                         "train and held-out; generate more (num_prompts) or lower data.num_eval")
+    return (rows.select([r for r, i in enumerate(index) if i in train_p]),
+            rows.select([r for r, i in enumerate(index) if i in eval_p]))
 
 
 def build_models(cfg: DistillationConfig) -> tuple[PreTrainedModel | None, PreTrainedModel]:

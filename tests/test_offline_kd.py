@@ -67,3 +67,17 @@ def test_offline_training_reduces_kl(tiny_pair, tmp_path_factory, tmp_path):
     tr.train()
     after = teacher_closeness(tr.model, teacher, tr.eval_dataset, tr.data_collator)["kl"]
     assert after <= 0.5 * before, (before, after)
+
+
+def test_generated_rows_split_by_prompt_without_leaks():
+    from datasets import Dataset
+
+    from llmkd.pipeline import split_by_prompt
+
+    ids = [f"rec-{i}-h{i}" for i in (0, 0, 1, 2, 2, 3, 5, 5, 6)]   # prompt 4 was dropped, n=2 samples
+    rows = Dataset.from_dict({"id": ids, "sample": list(range(len(ids)))})
+    train, held = split_by_prompt(rows, num_train=3, num_eval=2)
+    assert set(train["id"]) == {"rec-0-h0", "rec-1-h1", "rec-2-h2"} and len(train) == 5
+    assert set(held["id"]) == {"rec-3-h3", "rec-5-h5"} and len(held) == 3
+    train, held = split_by_prompt(rows, num_train=100, num_eval=32)   # too few: last fifth held out
+    assert set(held["id"]) == {"rec-6-h6"} and not set(train["id"]) & set(held["id"])
