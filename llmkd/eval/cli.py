@@ -90,7 +90,7 @@ def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
 def run_eval(args: argparse.Namespace) -> int:
     from llmkd.data.recipes import load_recipe
     from llmkd.eval.reasoning import evaluate_reasoning
-    from llmkd.generation.backends import BACKENDS, _check_model_dir
+    from llmkd.generation.backends import BACKENDS, check_model_dir
     from llmkd.models.embedded import resolve_model_name
 
     spec = _spec_from_args(args)
@@ -101,7 +101,7 @@ def run_eval(args: argparse.Namespace) -> int:
     models = spec.model_dirs()
     for label, path in models.items():
         if path != "embedded":
-            _check_model_dir(path)
+            check_model_dir(path)
     out = Path(spec.out)
     for label in models:
         for rec in recipes:

@@ -229,11 +229,11 @@ def evaluate_reasoning(model_path: str | Path, recipe: Any, *, backend: str = "v
     from llmkd.data.collate import chat_prompt_ids
     from llmkd.data.recipes import Recipe, load_recipe
     from llmkd.eval.metrics import load_metric
-    from llmkd.generation.backends import SamplingSpec, _check_model_dir, make_backend
+    from llmkd.generation.backends import SamplingSpec, check_model_dir, make_backend
 
     started = time.time()
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))
-    model_dir = _check_model_dir(str(model_path))
+    model_dir = check_model_dir(str(model_path))
     if num_examples < 1:
         raise ValueError(f"num_examples={num_examples}: need at least one example")
     out = Path(output_dir) if output_dir is not None else None

@@ -71,13 +71,15 @@ def prompt_seed(seed: int, prompt: list[int]) -> int:
     return (seed * 1_000_003 + zlib.crc32(bytes(str(prompt), "ascii"))) % (2**31 - 1)
 
 
-def _check_model_dir(model_path: str) -> str:
+def check_model_dir(model_path: str) -> str:
+    """The one check that a path is a local model dir, before any engine or weights load."""
     p = Path(model_path).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"model directory {str(p)!r} does not exist; give a local model dir "
                                 "(config.json + safetensors) or model: embedded")
     if not (p / "config.json").exists():
-        raise FileNotFoundError(f"model directory {str(p)!r} has no config.json; is it a model dir?")
+        raise FileNotFoundError(f"{str(p)!r} is not a model directory (no config.json); give a local "
+                                "dir with config.json + safetensors, or model: embedded")
     return str(p)
 
 
@@ -92,7 +94,7 @@ class VLLMBackend:
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 1024,
                  **engine_kwargs: Any) -> None:
-        model_path = _check_model_dir(model_path)
+        model_path = check_model_dir(model_path)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CACHE_ROOT", str(Path("~/.cache/llmkd/vllm").expanduser()))
         from vllm import LLM
@@ -155,7 +157,7 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model_path = _check_model_dir(model_path)
+        model_path = check_model_dir(model_path)
         self.device = device or ("cuda" if _has_cuda() else "cpu")
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(

@@ -103,13 +103,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ge
 
 def resolve_model(model: str) -> Path:
     """A local model dir; "embedded" is materialised on first use by `llmkd.models.embedded`."""
+    from llmkd.generation.backends import check_model_dir
     from llmkd.models.embedded import resolve_model_name
 
-    p = Path(resolve_model_name(model)).expanduser()
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"config: model={model!r} is not a model directory (no config.json); "
-                                "give a local dir with config.json + safetensors, or 'embedded'")
-    return p.resolve()
+    return Path(check_model_dir(resolve_model_name(model))).resolve()
 
 
 def _schema(cfg: GenerationConfig) -> pa.Schema:
