@@ -38,7 +38,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
     trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero():
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    _shutdown_distributed()
     return 0
+
+
+def _shutdown_distributed() -> None:
+    """Tear the process group down before exit: left to interpreter shutdown, gloo's threads can
+    abort a rank ("terminate called without an active exception") after all work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
