@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from llmkd.config import check_keys, coerce
+from llmkd.validation import check_keys, coerce
 
 if TYPE_CHECKING:
     from datasets import Dataset

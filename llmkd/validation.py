@@ -1,0 +1,65 @@
+"""Strict checks of plain-dict config sections against dataclasses: unknown keys name the nearest
+valid key, values are type-checked against annotations. No heavy imports: the config, the method
+plug-ins and the CLI all validate through here before any model library loads."""
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from typing import Any
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def check_keys(where: str, raw: dict, valid: list[str]) -> None:
+    for key in raw:
+        if key not in valid:
+            raise ValueError(f"config: unknown key {where}{key!r}{_nearest(key, valid)}")
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """A small structural type check for YAML values (covers the annotations used here)."""
+    if tp is Any or value is None and _optional(tp):
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, dict, tuple):
+        return isinstance(value, origin)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def coerce(where: str, raw: dict, cls: type) -> dict:
+    """Type-check YAML values against the dataclass annotations. Undo two YAML 1.1 surprises:
+    "1e-4" (no dot) is read as a string, and no/yes as booleans."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in raw.items():
+        tp = hints.get(key, Any)
+        if isinstance(value, bool) and key.endswith("_strategy") and not _type_ok(value, tp):
+            value = "yes" if value else "no"    # YAML 1.1 reads save_strategy: no as False
+        if isinstance(value, str) and not _type_ok(value, tp) and _type_ok(1.0, tp):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not _type_ok(value, tp):
+            raise ValueError(f"config: {where}{key}={value!r} has type {type(value).__name__}; "
+                             f"expected {getattr(tp, '__name__', tp)}")
+        out[key] = value
+    return out
