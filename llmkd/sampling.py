@@ -1,0 +1,82 @@
+"""Sampling responses inside training (on-policy and sequence-level KD).
+
+On-policy KD is only on-policy if the samples follow the student's own distribution at the
+method's temperature / top-p: nothing may be inherited from a checkpoint's generation_config
+(Qwen2.5-Instruct ships top_k=20 and repetition_penalty=1.05, transformers defaults to top_k=50).
+Every sampler therefore takes an explicit `SamplingSpec` and applies exactly that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+SAMPLERS = ("hf", "vllm")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What a method asks of a sampler: the distribution and the length, nothing else."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+
+class Sampler(Protocol):
+    def sample(self, model: "torch.nn.Module", prompts: list[list[int]], spec: SamplingSpec,
+               eos_ids: set[int]) -> list[list[int]]:
+        """Response token ids per prompt: up to and including the first eos, at most
+        `spec.max_new_tokens` tokens."""
+
+
+def cut_at_eos(tokens: list[int], eos_ids: set[int], limit: int) -> list[int]:
+    """Keep tokens up to and including the first eos (generate pads after it)."""
+    out: list[int] = []
+    for tok in tokens[:limit]:
+        out.append(tok)
+        if tok in eos_ids:
+            break
+    return out
+
+
+class HFSampler:
+    """`model.generate` with a fresh GenerationConfig built from the spec alone."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad = pad_token_id
+
+    def sample(self, model: "torch.nn.Module", prompts: list[list[int]], spec: SamplingSpec,
+               eos_ids: set[int]) -> list[list[int]]:
+        import torch
+        from transformers import GenerationConfig
+
+        device = next(model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):          # left-padded: generation continues every row
+            ids[i, width - len(p):] = torch.tensor(p, device=device)
+            mask[i, width - len(p):] = 1
+        config = GenerationConfig(
+            do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
+            max_new_tokens=spec.max_new_tokens, pad_token_id=self.pad,
+            eos_token_id=sorted(eos_ids), use_cache=True)
+        # generate() merges the model's own generation_config into ours where ours holds a
+        # default (repetition_penalty 1.0 would become the checkpoint's 1.05): swap it out.
+        saved = model.generation_config
+        model.generation_config = config
+        try:
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        finally:
+            model.generation_config = saved
+        return [cut_at_eos(row, eos_ids, spec.max_new_tokens) for row in out[:, width:].tolist()]
+
+
+def make_sampler(name: str, pad_token_id: int, **options: Any) -> Sampler:
+    """The sampler a method names (`method.sampler`)."""
+    if name == "hf":
+        return HFSampler(pad_token_id)
+    raise ValueError(f"config: method.sampler={name!r} is unknown; use one of {SAMPLERS}")
