@@ -2,5 +2,7 @@
 from llmkd.losses.chunked import chunked_divergence
 from llmkd.losses.divergences import KINDS, divergence, per_token_divergence
 from llmkd.losses.sparse import sparse_divergence
+from llmkd.losses.taid import TAIDSchedule, taid_loss
 
-__all__ = ["KINDS", "chunked_divergence", "divergence", "per_token_divergence", "sparse_divergence"]
+__all__ = ["KINDS", "chunked_divergence", "divergence", "per_token_divergence", "sparse_divergence",
+           "TAIDSchedule", "taid_loss"]
