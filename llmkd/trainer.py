@@ -23,7 +23,7 @@ from llmkd.config import DistillationConfig
 from llmkd.data.collate import DistillCollator
 from llmkd.methods import get_method
 from llmkd.methods.base import Method
-from llmkd.methods.token_kd import forward_head
+from llmkd.models.head import forward_head
 
 METHOD_STATE = "llmkd_method_state.json"
 

@@ -1,5 +1,8 @@
 """Token divergence straight from hidden states and lm_head weights, never holding (N, V) logits.
 
+Logits are ``softcap(scale * (hidden @ W.T + bias))`` with softcap(y) = c * tanh(y / c): the
+plain head, Phi's bias, Granite/Cohere logit scaling and Gemma 2/3 final-logit soft-capping.
+
 The full logits of a batch (B x S x V floats, twice: student and teacher, plus their softmaxes and
 gradients) dominate the memory of a KD step. Here the lm_head is applied to a chunk of tokens at
 a time; for each chunk the forward computes the loss *and* its gradient with respect to the
@@ -7,12 +10,14 @@ chunk's logits (closed form per divergence), folds that gradient straight into t
 the hidden states and the weight, and drops the chunk. The backward only scales the stored
 gradients, so nothing is recomputed (the same trade as Liger's fused linear cross-entropy).
 
-Per chunk only four (chunk, V) buffers exist, reused across chunks: allocating fresh (chunk, V)
-tensors every time costs more in page faults than the element-wise math itself on CPU.
+Per chunk only four (chunk, V) buffers exist (five with a soft-capped student, whose tanh the
+gradient needs), reused across chunks: allocating fresh (chunk, V) tensors every time costs more
+in page faults than the element-wise math itself on CPU.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -100,41 +105,55 @@ class _ChunkedDivergence(torch.autograd.Function):
         dtype = opts["dtype"]
         n, vocab = h_s.shape[0], w_s.shape[0]
         ws, wt = w_s.to(dtype), w_t.to(dtype)
-        # Temperature is folded into the small hidden chunk and bias, not the (chunk, V) logits.
-        bs = None if b_s is None else b_s.to(dtype) * inv_t
-        bt = None if b_t is None else b_t.to(dtype) * inv_t
+        # u = h W^T + b is multiplied by `pre` on the small hidden chunk and bias, never on the
+        # (chunk, V) logits: scale / T without a softcap, scale / c (the tanh input) with one;
+        # `post` multiplies tanh(.) into tempered logits (c / T).
+        sides = []
+        for b, scale, cap in ((b_s, opts["student_scale"], opts["student_softcap"]),
+                              (b_t, opts["teacher_scale"], opts["teacher_softcap"])):
+            pre = scale / cap if cap is not None else scale * inv_t
+            post = None if cap is None else cap * inv_t
+            sides.append((None if b is None else b.to(dtype) * pre, pre, post))
+        (bs, pre_s, post_s), (bt, pre_t, post_t) = sides
         grad_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
         grad_w = torch.zeros_like(ws) if need_w else None
         grad_b = torch.zeros(vocab, dtype=dtype, device=ws.device) if need_b else None
         total = torch.zeros((), dtype=dtype, device=ws.device)
 
         rows = max(min(opts["chunk_size"], n), 1)
-        buffers = [torch.empty((rows, vocab), dtype=dtype, device=ws.device) for _ in range(4)]
-        # Gradient w.r.t. the un-tempered logits, averaged over denom tokens.
-        scale = inv_t / opts["denom"]
+        n_buf = 4 if post_s is None else 5
+        buffers = [torch.empty((rows, vocab), dtype=dtype, device=ws.device) for _ in range(n_buf)]
+        # d loss / d u = c * g [* (1 - tanh^2)] * scale / T, averaged over denom tokens.
+        coef = opts["student_scale"] * inv_t / opts["denom"]
         for start in range(0, n, rows):
             end = min(start + rows, n)
-            buf: Buffers = tuple(b[: end - start] for b in buffers)  # type: ignore[assignment]
+            buf: Buffers = tuple(b[: end - start] for b in buffers[:4])  # type: ignore[assignment]
+            th_s = buffers[4][: end - start] if post_s is not None else None
             hs = h_s[start:end].to(dtype)
             ht = h_t[start:end].to(dtype)
-            for h, w, b, out in ((hs, ws, bs, buf[0]), (ht, wt, bt, buf[1])):
-                h = h * inv_t if inv_t != 1.0 else h
-                logits = buf[2]
+            for h, w, b, pre, post, u, out in ((hs, ws, bs, pre_s, post_s, th_s, buf[0]),
+                                               (ht, wt, bt, pre_t, post_t, None, buf[1])):
+                h = h * pre if pre != 1.0 else h
+                u = buf[2] if u is None else u
                 if b is None:
-                    torch.mm(h, w.t(), out=logits)
+                    torch.mm(h, w.t(), out=u)
                 else:
-                    torch.addmm(b, h, w.t(), out=logits)
-                torch.log_softmax(logits, dim=-1, out=out).clamp_(min=_LOG_FLOOR)
+                    torch.addmm(b, h, w.t(), out=u)
+                if post is not None:  # u becomes tanh(.), kept for the student's gradient
+                    u = torch.mul(u.tanh_(), post, out=buf[2])
+                torch.log_softmax(u, dim=-1, out=out).clamp_(min=_LOG_FLOOR)
             loss, g, c = _fused_loss_and_grad(buf, kind, beta, lam)
             total += loss.sum()
             if g is None:
                 continue
+            if th_s is not None:  # d c tanh(y / c) / dy = 1 - tanh^2
+                g.mul_(th_s.mul_(th_s).neg_().add_(1.0))
             if grad_h is not None:
-                torch.mm(g, ws, out=grad_h[start:end]).mul_(c * scale)
+                torch.mm(g, ws, out=grad_h[start:end]).mul_(c * coef)
             if grad_w is not None:
-                grad_w.addmm_(g.t(), hs, alpha=c * scale)
+                grad_w.addmm_(g.t(), hs, alpha=c * coef)
             if grad_b is not None:
-                grad_b.add_(g.sum(0), alpha=c * scale)
+                grad_b.add_(g.sum(0), alpha=c * coef)
 
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
@@ -163,18 +182,27 @@ def chunked_divergence(
     chunk_size: int = 1024,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    student_scale: float = 1.0,
+    teacher_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ) -> torch.Tensor:
-    """Mean divergence of ``hidden @ weight.T (+ bias)`` logits, computed chunk by chunk.
+    """Mean divergence of ``softcap(scale * (hidden @ weight.T + bias))`` logits, chunk by chunk.
 
-    hidden: (N, H) or (B, S, H); weights (V, H) (teacher and student may differ in H, not V).
-    Equals ``divergence(h_s @ W_s.T, h_t @ W_t.T, kind, ..., reduction="mean")``: the sum over
-    unmasked tokens divided by ``num_items`` (global token count, for grad accumulation) or the
-    mask count. Masked rows are dropped before any projection. Gradients reach the student hidden
-    states, weight and bias only; half-precision inputs are computed in float32.
+    hidden: (N, H) or (B, S, H); weights (V, H) (teacher and student may differ in H, not V);
+    softcap(y) = c * tanh(y / c), none when None. Equals ``divergence(z_s, z_t, kind, ...,
+    reduction="mean")`` on those logits: the sum over unmasked tokens divided by ``num_items``
+    (global token count, for grad accumulation) or the mask count. Masked rows are dropped before
+    any projection. Gradients reach the student hidden states, weight and bias only;
+    half-precision inputs are computed in float32.
     """
     check_params(kind, beta, lam, temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    for name, value in (("student_scale", student_scale), ("teacher_scale", teacher_scale),
+                        ("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}={value} must be a finite number > 0")
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(
             f"student vocab {student_weight.shape[0]} and teacher vocab {teacher_weight.shape[0]} "
@@ -214,9 +242,14 @@ def chunked_divergence(
         "temperature": temperature,
         "denom": denom,
         "chunk_size": chunk_size,
+        "student_scale": float(student_scale),
+        "teacher_scale": float(teacher_scale),
+        "student_softcap": None if student_softcap is None else float(student_softcap),
+        "teacher_softcap": None if teacher_softcap is None else float(teacher_softcap),
         "dtype": functools.reduce(
             torch.promote_types,
-            [x.dtype for x in (student_hidden, student_weight, teacher_hidden, teacher_weight)],
+            [x.dtype for x in (student_hidden, student_weight, teacher_hidden, teacher_weight,
+                               student_bias, teacher_bias) if x is not None],
             compute_dtype(student_hidden),
         ),
         "need_grad": tuple(

@@ -5,29 +5,34 @@ student on those k tokens alone would not be a divergence between two distributi
 teacher's missing mass 1 - sum(exp(top-k)) becomes one extra "tail" bin, the student's
 distribution is collapsed onto the same k + 1 bins (its tail = mass outside the top-k ids), and
 the dense formula runs on those bins. With k = V this is exactly the dense divergence.
+
+A confident teacher's top-k can sum to 1 in float32 although k < V. Its tail is then floored at
+the resolution of the stored log-probs (the dtype's eps), never empty: an empty teacher bin
+facing a non-empty student tail would charge reverse KL about q_tail * 1e4 (the log floor).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from llmkd.losses.divergences import check_params, compute_dtype, per_token_divergence, reduce
 
-# Log-mass given to empty bins (padded ids, an empty tail). Far below divergences._LOG_FLOOR so
+# Log-mass given to empty bins (padded ids, the tails when k = V). Far below divergences._LOG_FLOOR so
 # that exp() of it is exactly 0 and the floor clamp cuts its gradient; finite so that a
 # logsumexp over only empty bins is finite too (an all -inf logsumexp has a nan gradient).
 _EMPTY = -3e4
 
 
-def _log_one_minus_exp(log_mass: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) where ``empty`` is False, _EMPTY where it is True, with finite gradients.
+def _teacher_tail(top_mass: torch.Tensor, full: torch.Tensor, eps: float) -> torch.Tensor:
+    """log max(1 - exp(top_mass), eps): the teacher's tail log-mass; _EMPTY where ``full``.
 
-    -expm1 keeps precision when the top-k mass is close to 1; the input is replaced before the
-    log where the tail is empty so that no inf appears even in the unused branch's gradient.
+    -expm1 keeps precision when the top-k mass is close to 1; clamping its input to log(1 - eps)
+    keeps the log finite (no inf even in an unused branch) and the tail at least eps.
     """
-    safe = torch.where(empty, torch.full_like(log_mass, -1.0), log_mass)
-    tail = torch.log(-torch.expm1(safe))
-    return torch.where(empty, torch.full_like(tail, _EMPTY), tail)
+    tail = torch.log(-torch.expm1(top_mass.clamp(max=math.log1p(-eps))))
+    return tail.masked_fill(full, _EMPTY)
 
 
 def sparse_divergence(
@@ -90,7 +95,9 @@ def sparse_divergence(
 
     teacher_top = teacher_topk_logprobs.to(dtype).masked_fill(~valid, _EMPTY)
     top_mass = torch.logsumexp(teacher_top, dim=-1, keepdim=True)
-    teacher_tail = _log_one_minus_exp(top_mass, full | (top_mass >= 0))
+    # tail floor: the coarser of the stored log-probs' and the compute dtype's resolution
+    stored = teacher_topk_logprobs.dtype if teacher_topk_logprobs.is_floating_point() else dtype
+    teacher_tail = _teacher_tail(top_mass, full, max(torch.finfo(stored).eps, torch.finfo(dtype).eps))
     teacher_bins = torch.cat([teacher_top, teacher_tail], dim=-1)
     # Empty bins stay empty after dividing by T (_EMPTY / T alone could carry mass for large T).
     empty = teacher_bins <= _EMPTY

@@ -18,6 +18,8 @@ from llmkd.validation import check_keys, coerce
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from llmkd.models.head import LMHead
+
 
 @dataclass
 class MethodParams:
@@ -31,12 +33,12 @@ class MethodParams:
 
 @dataclass
 class HeadOutput:
-    """A model's output for distillation: full logits, or final hidden states + lm_head weight
+    """A model's output for distillation: full logits, or final hidden states + its lm_head
     (the chunked loss applies the head itself so (B, S, V) logits are never materialised)."""
 
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
-    head_weight: torch.Tensor | None = None
+    head: LMHead | None = None
 
 
 @dataclass

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from llmkd.losses import divergence
 from llmkd.losses.divergences import check_params, compute_dtype
 from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets
-from llmkd.methods.token_kd import run_head, shifted_mask
+from llmkd.methods.token_kd import shifted_mask
+from llmkd.models.head import run_head
 
 if TYPE_CHECKING:
     from datasets import Dataset

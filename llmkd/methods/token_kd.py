@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from llmkd.losses import divergence
 from llmkd.losses.divergences import check_params, reduce
 from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets
+from llmkd.models.head import chunked_divergence_heads, run_head
 
 
 @dataclass
@@ -58,23 +59,20 @@ def kd_divergence(student: HeadOutput, targets: TeacherTargets, labels: torch.Te
     if targets.topk_ids is not None:
         from llmkd.losses import sparse_divergence
 
-        logits = _student_logits(student)
+        logits = head_logits(student)
         return sparse_divergence(logits[:, :-1], targets.topk_ids[:, 1:], targets.topk_logprobs[:, 1:],
                                  p.kind, mask=mask, **kw)
     t = targets.output
-    if student.hidden is not None and t.hidden is not None:
-        from llmkd.losses import chunked_divergence
-
-        return chunked_divergence(student.hidden[:, :-1], student.head_weight,
-                                  t.hidden[:, :-1], t.head_weight, p.kind, mask=mask,
-                                  chunk_size=p.chunk_size, **kw)
-    return divergence(student.logits[:, :-1], t.logits[:, :-1], p.kind, mask=mask, **kw)
+    if student.logits is None and t.logits is None:
+        return chunked_divergence_heads(student.hidden[:, :-1], student.head, t.hidden[:, :-1], t.head,
+                                        p.kind, mask=mask, chunk_size=p.chunk_size, **kw)
+    # one side fell back to full logits (a head the chunked loss cannot apply): both full
+    return divergence(head_logits(student)[:, :-1], head_logits(t)[:, :-1], p.kind, mask=mask, **kw)
 
 
-def _student_logits(student: HeadOutput) -> torch.Tensor:
-    if student.logits is not None:
-        return student.logits
-    return student.hidden @ student.head_weight.T
+def head_logits(out: HeadOutput) -> torch.Tensor:
+    """Full logits of a `HeadOutput`, applying its head where only hidden states were kept."""
+    return out.logits if out.logits is not None else out.head.logits(out.hidden)
 
 
 class TokenKD(Method):
@@ -113,26 +111,9 @@ class TokenKD(Method):
         metrics = {"kd": kd.item()}
         if self.params.ce_weight == 0:
             return kd, metrics
-        logits = _student_logits(student)[:, :-1]
+        logits = head_logits(student)[:, :-1]
         ce = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(),
                              ignore_index=-100, reduction="none")
         ce = reduce(ce, None, "mean", num_items if num_items is not None else shifted_mask(labels).sum())
         metrics["ce"] = ce.item()
         return kd + self.params.ce_weight * ce, metrics
-
-
-@torch.no_grad()
-def run_head(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, hidden: bool) -> HeadOutput:
-    """Teacher forward (no grad), returning logits or final hidden states + head weight."""
-    return forward_head(model, batch, hidden=hidden)
-
-
-def forward_head(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, hidden: bool,
-                 head_owner: torch.nn.Module | None = None) -> HeadOutput:
-    """Run a causal LM on the batch; with `hidden`, skip the full logits (logits_to_keep=1)."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if not hidden:
-        return HeadOutput(logits=model(**inputs, use_cache=False).logits)
-    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    head = (head_owner or model).get_output_embeddings()
-    return HeadOutput(hidden=out.hidden_states[-1], head_weight=head.weight)
