@@ -44,10 +44,10 @@ def _optional(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
-def coerce(where: str, raw: dict, cls: type) -> dict:
-    """Type-check YAML values against the dataclass annotations. Undo two YAML 1.1 surprises:
-    "1e-4" (no dot) is read as a string, and no/yes as booleans."""
-    hints = typing.get_type_hints(cls)
+def coerce(where: str, raw: dict, cls: type | dict[str, Any]) -> dict:
+    """Type-check YAML values against the dataclass annotations (or a {name: type} mapping).
+    Undo two YAML 1.1 surprises: "1e-4" (no dot) is read as a string, and no/yes as booleans."""
+    hints = cls if isinstance(cls, dict) else typing.get_type_hints(cls)
     out = {}
     for key, value in raw.items():
         tp = hints.get(key, Any)
@@ -63,3 +63,20 @@ def coerce(where: str, raw: dict, cls: type) -> dict:
                              f"expected {getattr(tp, '__name__', tp)}")
         out[key] = value
     return out
+
+
+# Divergence parameters: checked by the losses and, before torch loads, by the method configs.
+DIVERGENCES: tuple[str, ...] = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl")
+
+
+def check_divergence(kind: str, beta: float, lam: float, temperature: float, where: str = "") -> None:
+    """Fail early, naming the parameter (`where` is its prefix, e.g. "method."), on values the
+    divergence formulas are not defined for."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"{where or 'divergence '}kind={kind!r} is unknown; use one of {', '.join(DIVERGENCES)}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"{where}beta={beta} is outside [0, 1]; 0 is forward KL, 1 is reverse KL")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"{where}lam={lam} is outside [0, 1]; DistiLLM uses 0.1")
+    if not temperature > 0:
+        raise ValueError(f"{where}temperature={temperature} must be > 0 (1.0 leaves logits unchanged)")

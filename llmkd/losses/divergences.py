@@ -11,25 +11,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+# torch-free, so method configs check them before torch loads
+from llmkd.validation import DIVERGENCES as KINDS, check_divergence as check_params  # noqa: F401
+
 Kind = Literal["fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl"]
 Reduction = Literal["mean", "sum", "none"]
-KINDS: tuple[str, ...] = ("fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl")
 
 # log 0 is clamped to this so that 0 * (log 0 - log q) evaluates to 0 instead of nan,
 # in values and in gradients (teacher tails can be exactly empty).
 _LOG_FLOOR = -1e4
-
-
-def check_params(kind: str, beta: float, lam: float, temperature: float) -> None:
-    """Fail early, naming the parameter, on values the formulas are not defined for."""
-    if kind not in KINDS:
-        raise ValueError(f"divergence kind={kind!r} is unknown; use one of {', '.join(KINDS)}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta={beta} is outside [0, 1]; 0 is forward KL, 1 is reverse KL")
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam={lam} is outside [0, 1]; DistiLLM uses 0.1")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0 (1.0 leaves logits unchanged)")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
