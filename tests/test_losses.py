@@ -1,6 +1,7 @@
 """Divergences (dense, sparse top-k, chunked) against the formulas written out in float64."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -349,3 +350,111 @@ def test_chunked_no_teacher_grad_no_grad_mode_and_all_masked():
     empty = chunked_divergence(**inputs, mask=torch.zeros_like(mask))
     empty.backward()
     assert empty == 0 and inputs["student_hidden"].grad.abs().max() == 0
+
+
+# (student, teacher) logit transforms: Phi's bias, Granite/Cohere scales, Gemma 2 soft-capping
+HEADS = {
+    "both": (dict(scale=0.5, softcap=1.5), dict(scale=3.0, softcap=2.5)),
+    "student_cap": (dict(scale=1.0, softcap=2.0), dict(scale=0.25, softcap=None)),
+    "teacher_cap": (dict(scale=4.0, softcap=None), dict(scale=1.0, softcap=3.0)),
+}
+
+
+def transformed_logits(h, w, b, scale, softcap):
+    """The head written out: softcap(scale * (h W^T + b)), softcap(y) = c tanh(y / c)."""
+    z = scale * (h @ w.T + b)
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+@pytest.mark.parametrize("kind,beta,lam", CASES, ids=IDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("heads", list(HEADS))
+def test_chunked_bias_scale_softcap_equals_dense(kind, beta, lam, temperature, heads):
+    inputs, mask = chunked_case(bias=True, seed=81)
+    (hs, ht) = HEADS[heads]
+    zs = transformed_logits(inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"], **hs)
+    zt = transformed_logits(inputs["teacher_hidden"], inputs["teacher_weight"], inputs["teacher_bias"], **ht)
+    assert zs.abs().max() > 1.0 and zt.abs().max() > 1.0  # the caps and scales change the result
+    kw = dict(beta=beta, lam=lam, temperature=temperature, mask=mask)
+    want = divergence(zs, zt, kind, **kw)
+    g_want = student_grads(want, inputs)
+    heads_kw = dict(student_scale=hs["scale"], student_softcap=hs["softcap"],
+                    teacher_scale=ht["scale"], teacher_softcap=ht["softcap"])
+    for chunk_size in (1, 4, 64):
+        got = chunked_divergence(**inputs, kind=kind, chunk_size=chunk_size, **heads_kw, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        for a, b in zip(student_grads(got, inputs), g_want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the plain head (what the chunked loss computed before scales and caps) is a different loss
+    plain = chunked_divergence(**inputs, kind=kind, **kw)
+    if kind != "skew_fkl" or lam != 1.0:
+        assert not torch.allclose(plain, want, rtol=1e-3)
+
+
+def test_chunked_softcap_float32():
+    inputs, mask = chunked_case(bias=True, seed=82)
+    zs = transformed_logits(inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"], 0.5, 1.5)
+    zt = transformed_logits(inputs["teacher_hidden"], inputs["teacher_weight"], inputs["teacher_bias"], 2.0, 3.0)
+    want = divergence(zs, zt, "jsd", mask=mask)
+    g_want = student_grads(want, inputs)
+    low = {k: v.detach().float().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    got = chunked_divergence(**low, kind="jsd", mask=mask, chunk_size=4, student_scale=0.5,
+                             student_softcap=1.5, teacher_scale=2.0, teacher_softcap=3.0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(student_grads(got, low), g_want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["student_scale", "teacher_scale", "student_softcap", "teacher_softcap"])
+def test_chunked_bad_scale_or_softcap_raises(name):
+    inputs, _ = chunked_case()
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match=name):
+            chunked_divergence(**inputs, **{name: bad})
+
+
+# --------------------------------------------------------------------------- confident sparse teacher
+
+
+def confident_teacher(vocab=64, k=20, seed=90):
+    """A float32 teacher whose top-k log-probs sum to 1 in float32 although k < V (a confident
+    teacher: its top-1 log-prob rounds to 0), as vLLM / the embedded teacher store them; also
+    the teacher's true tail mass, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    zt = torch.randn(2, 3, vocab, generator=g, dtype=torch.float64)
+    zt[..., 5] += 25.0
+    logp, ids = torch.log_softmax(zt.float(), -1).topk(k, dim=-1)
+    assert (torch.logsumexp(logp, -1) >= 0).all()  # the tail rounds to nothing in float32
+    true_tail = 1 - torch.log_softmax(zt, -1).gather(-1, ids).exp().sum(-1)
+    assert (true_tail > 0).all() and (true_tail < 1e-9).all()
+    return logp, ids, true_tail
+
+
+def naive_with_tail(zs, ids, teacher_logp, kind, beta, tail):
+    """Top-k bins + a teacher tail of exactly `tail`, renormalised; float64 throughout."""
+    tail = torch.as_tensor(tail, dtype=torch.float64).expand(teacher_logp.shape[:-1])
+    p_bins = torch.cat([teacher_logp.exp(), tail[..., None]], -1)
+    p_bins = p_bins / p_bins.sum(-1, keepdim=True)
+    q = softmax(zs, 1.0)
+    q_top = q.gather(-1, ids)
+    q_bins = torch.cat([q_top, 1 - q_top.sum(-1, keepdim=True)], -1)
+    return naive_from_probs(p_bins, q_bins, kind, beta, 0.1)
+
+
+@pytest.mark.parametrize("kind,beta", [("rkl", 0.5), ("jsd", 1.0), ("jsd", 0.5), ("skew_rkl", 0.5)])
+def test_sparse_confident_teacher_tail_is_small_not_empty(kind, beta):
+    logp, ids, true_tail = confident_teacher()
+    zs = logits(2, 3, 64, seed=91)  # a student that still puts mass outside the teacher's top-k
+    eps = torch.finfo(torch.float32).eps
+    got, g_got = grad(lambda z: sparse_divergence(z.float(), ids, logp, kind, beta=beta,
+                                                  reduction="none"), zs)
+    # exact: the formula with the teacher tail floored at float32 resolution
+    want, g_want = grad(lambda z: naive_with_tail(z, ids, logp.double(), kind, beta, eps), zs)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_got.double(), g_want, rtol=1e-4, atol=1e-5)
+    # sane: no more than the teacher's true (smaller) tail would charge, and gradients bounded by
+    # the log-ratios (|log eps| = 16 nats); an empty tail charged about q_tail * 1e4 here.
+    true = naive_with_tail(zs, ids, logp.double(), kind, beta, true_tail)
+    assert (got.double() <= true + 1e-6).all() and (got > 0).all()
+    assert g_got.abs().max() < 2 * abs(math.log(eps))
