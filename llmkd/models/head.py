@@ -57,17 +57,26 @@ class LMHead:
         return replace(self, weight=self.weight[:vocab], bias=bias)
 
 
-def _config_value(config: Any, name: str) -> Any:
-    """`name` from the config, or from its text_config (multimodal wrappers such as Gemma 3)."""
-    value = getattr(config, name, None)
-    if value is None and getattr(config, "text_config", None) is not None:
-        value = getattr(config.text_config, name, None)
-    return value
+# Logit scales, read from transformers' modeling code: config attribute -> {model_type prefix:
+# exponent}, logits = lm_head(h) * value ** exponent. The same name means different things in
+# different families (HyperCLOVA X multiplies by `logits_scaling`, Granite divides; MPT's
+# `logit_scale` is unused), so a value set on a family not listed makes the head unknown.
+_SCALES: dict[str, dict[str, int]] = {
+    "logits_scaling": {"granite": -1, "minicpm3": -1, "hyperclovax": 1},
+    "logit_scale": {"cohere": 1},
+    "lm_head_multiplier": {"falcon_h1": 1},
+}
+
+
+def _text_config(model: torch.nn.Module) -> Any:
+    """The decoder's config (multimodal wrappers such as Gemma 3 keep it in text_config)."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def lm_head_of(model: torch.nn.Module) -> LMHead | None:
-    """The model's head as an `LMHead`, or None when it is anything but a plain linear layer
-    (LoRA/peft wrapper, quantized or custom module, ZeRO-3 partitioned weight)."""
+    """The model's head as an `LMHead`, or None when it cannot be expressed as one: a LoRA/peft
+    wrapper, a quantized or custom module, a ZeRO-3 partitioned weight, an unknown logit scale."""
     module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if module is None or type(module).forward is not torch.nn.Linear.forward:
         return None
@@ -75,14 +84,19 @@ def lm_head_of(model: torch.nn.Module) -> LMHead | None:
     if (not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point()
             or hasattr(weight, "ds_shape")):
         return None
-    config = getattr(model, "config", None)
+    config = _text_config(model)
+    model_type = str(getattr(config, "model_type", ""))
     scale = 1.0
-    if (granite := _config_value(config, "logits_scaling")) is not None:
-        scale /= float(granite)                   # Granite: logits / logits_scaling
-    if (cohere := _config_value(config, "logit_scale")) is not None:
-        scale *= float(cohere)                    # Cohere: logits * logit_scale
-    cap = _config_value(config, "final_logit_softcapping")  # Gemma 2/3
-    if not math.isfinite(scale) or scale == 0.0 or (cap is not None and not float(cap) > 0):
+    for attr, families in _SCALES.items():
+        value = getattr(config, attr, None)
+        if value is None:
+            continue
+        exponent = next((e for prefix, e in families.items() if model_type.startswith(prefix)), None)
+        if exponent is None or not isinstance(value, (int, float)) or not value > 0:
+            return None
+        scale *= float(value) ** exponent
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3/3n/4: c * tanh(z / c)
+    if not math.isfinite(scale) or (cap is not None and not (isinstance(cap, (int, float)) and cap > 0)):
         return None
     return LMHead(weight=weight, bias=module.bias, scale=scale,
                   softcap=None if cap is None else float(cap))
