@@ -11,9 +11,8 @@ from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from llmkd.config import DistillationConfig
-from llmkd.data.collate import tokenize_rows
 from llmkd.data.recipes import load_recipe
-from llmkd.methods import get_method
+from llmkd.methods.base import Method
 from llmkd.models.embedded import resolve_model_name
 
 
@@ -28,46 +27,43 @@ def is_generated_dir(path: str | Path) -> bool:
     return (Path(path) / "manifest.json").exists()
 
 
-def build_datasets(cfg: DistillationConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[Dataset, Dataset]:
-    """Train/eval splits as token features. Generated dirs are split by their last rows."""
+def build_datasets(cfg: DistillationConfig, method: Method) -> tuple[Dataset, Dataset]:
+    """Train/eval splits as the method's features. Generated dirs are split by prompt."""
     d = cfg.data
     if d.path and is_generated_dir(d.path):
         from llmkd.generation.writer import load_generated
 
         rows = load_generated(d.path)
-        train, evals = split_by_prompt(rows, d.num_train, d.num_eval)
+        train, evals = split_by_prompt(rows, d.num_train, d.num_eval, allow_fewer=d.allow_fewer,
+                                       source=f"data.path={d.path!r}")
         response = "response"
     else:
         recipe = load_recipe(d.recipe or "arithmetic", path=d.path)
-        train = recipe.load(d.num_train, seed=d.seed)
-        evals = recipe.load(d.num_eval, seed=d.seed, offset=d.num_train)
+        train, evals = recipe.load_split(d.num_train, d.num_eval, seed=d.seed, allow_fewer=d.allow_fewer)
         response = d.response
         if response == "gold":
             add = lambda ds: ds.map(lambda r: {"response": recipe.gold_response(r["answer"])})  # noqa: E731
             train, evals, response = add(train), add(evals), "response"
-    method = get_method(cfg.method.name)
-    params = method.Params.from_dict(cfg.method.params)
-    train, evals = (method.build_examples(params, ds) for ds in (train, evals))
-    return (tokenize_rows(train, tokenizer, response=response, max_length=d.max_length),
-            tokenize_rows(evals, tokenizer, response=response, max_length=d.max_length))
+    train, evals = (method.build_examples(method.params, ds) for ds in (train, evals))
+    return (method.features(train, response=response, max_length=d.max_length),
+            method.features(evals, response=response, max_length=d.max_length))
 
 
-def split_by_prompt(rows: Dataset, num_train: int, num_eval: int) -> tuple[Dataset, Dataset]:
+def split_by_prompt(rows: Dataset, num_train: int, num_eval: int, *, allow_fewer: bool = False,
+                    source: str = "the generated data") -> tuple[Dataset, Dataset]:
     """Split generated rows by *prompt* (every sample of a prompt on one side), so held-out
     prompts never leak into training: the first `num_train` prompt indices train, the next
-    `num_eval` are held out (the quickstart evaluates exactly those). With too few prompts, the
-    last fifth is held out. The prompt index is the middle field of a recipe id (name-INDEX-hash).
+    `num_eval` are held out (the quickstart evaluates exactly those). Fewer prompts than asked
+    fail unless `allow_fewer` (`plan_split`). The prompt index is the middle field of a recipe
+    id (name-INDEX-hash).
     """
+    from llmkd.data.recipes import plan_split
+
     index = [int(i.rsplit("-", 2)[1]) for i in rows["id"]]
     prompts = sorted(set(index))
-    if len(prompts) > num_train:
-        train_p, eval_p = set(prompts[:num_train]), set(prompts[num_train:num_train + num_eval])
-    else:
-        n_eval = max(1, len(prompts) // 5)
-        train_p, eval_p = set(prompts[:-n_eval]), set(prompts[-n_eval:])
-    if not train_p:
-        raise ValueError(f"the generated data has {len(prompts)} prompt(s): too few to split into "
-                         "train and held-out; generate more (num_prompts) or lower data.num_eval")
+    n_train, n_eval = plan_split(len(prompts), num_train, num_eval, allow_fewer=allow_fewer,
+                                 source=source, unit="prompts")
+    train_p, eval_p = set(prompts[:n_train]), set(prompts[n_train:n_train + n_eval])
     return (rows.select([r for r, i in enumerate(index) if i in train_p]),
             rows.select([r for r, i in enumerate(index) if i in eval_p]))
 
@@ -126,12 +122,36 @@ def _start_zero3_comm() -> bool:
 
 def build_trainer(cfg: DistillationConfig):
     """Everything a `llmkd distill` run needs, validated in cheap-to-expensive order."""
-    from llmkd.trainer import DistillationTrainer
+    from llmkd.trainer import DistillationTrainer, build_method
 
     m = cfg.model
-    tok_path = resolve_model_name(m.student if m.student is not None else m.teacher)
-    tokenizer = load_tokenizer(tok_path)
-    train, evals = build_datasets(cfg, tokenizer)
+    student_tok = load_tokenizer(resolve_model_name(m.student if m.student is not None else m.teacher))
+    teacher_tok = None
+    if m.teacher is not None and m.teacher_mode == "live":
+        teacher_tok = load_tokenizer(resolve_model_name(m.teacher))
+    method = build_method(cfg.method.name, cfg.method.params, student_tok, teacher_tok)
+    if cfg.data.path and is_generated_dir(cfg.data.path):
+        check_generated_tokenizer(cfg.data.path, student_tok)
+    train, evals = build_datasets(cfg, method)
     teacher, student = build_models(cfg)
-    return DistillationTrainer(model=student, args=cfg, teacher=teacher, processing_class=tokenizer,
+    return DistillationTrainer(model=student, args=cfg, teacher=teacher, method=method,
+                               processing_class=student_tok, teacher_processing_class=teacher_tok,
                                train_dataset=train, eval_dataset=evals)
+
+
+def check_generated_tokenizer(path: str | Path, student_tok: PreTrainedTokenizerBase) -> None:
+    """Generated shards hold the teacher's token ids: a student with another tokenizer would
+    train on garbage. Compare the tokenizer recorded at generation with the student's."""
+    from llmkd.data.collate import tokenizer_fingerprint
+    from llmkd.generation.writer import read_manifest
+
+    recorded = read_manifest(path).get("metadata", {}).get("teacher", {}).get("tokenizer")
+    if recorded is None:
+        return      # written before tokenizers were recorded: nothing to compare
+    ours = tokenizer_fingerprint(student_tok)
+    if recorded != ours:
+        raise ValueError(
+            f"data.path={str(path)!r} was generated with a tokenizer of {recorded['size']} tokens "
+            f"(sha {recorded['sha'][:12]}) but the student's has {ours['size']} (sha "
+            f"{ours['sha'][:12]}): the stored token ids would not mean the same tokens. Use a student "
+            "with the teacher's tokenizer, or regenerate the data with a matching teacher")

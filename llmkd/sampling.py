@@ -23,6 +23,7 @@ class SamplingSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    seed: int | None = None      # set by the trainer per (step, micro-batch, rank): resumable draws
 
 
 class Sampler(Protocol):
@@ -68,8 +69,12 @@ class HFSampler:
         # default (repetition_penalty 1.0 would become the checkpoint's 1.05): swap it out.
         saved = model.generation_config
         model.generation_config = config
+        devices = [device] if device.type == "cuda" else []
         try:
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            with torch.random.fork_rng(devices=devices, enabled=spec.seed is not None):
+                if spec.seed is not None:
+                    torch.manual_seed(spec.seed)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         finally:
             model.generation_config = saved
         return [cut_at_eos(row, eos_ids, spec.max_new_tokens) for row in out[:, width:].tolist()]

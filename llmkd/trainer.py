@@ -8,22 +8,21 @@ checkpoint resume, DeepSpeed, PEFT) stays the Trainer's own.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
 from llmkd.config import DistillationConfig
-from llmkd.data.collate import DistillCollator
 from llmkd.methods import get_method
-from llmkd.methods.base import Method
-from llmkd.models.head import forward_head
+from llmkd.methods.base import Method, pad_id
+from llmkd.models.head import forward_head, lm_head_of, verify_head
+from llmkd.sampling import HFSampler, Sampler, make_sampler
 
 METHOD_STATE = "llmkd_method_state.json"
 
@@ -31,30 +30,31 @@ METHOD_STATE = "llmkd_method_state.json"
 class DistillationTrainer(Trainer):
     """Trains `model` (the student) to match `teacher` with `args.method`."""
 
-    # compute_loss returns sum / num_items_in_batch for dataset batches: already GA-scaled
+    # compute_loss divides by the accumulated window's item count (or by GA itself): GA-scaled
     loss_is_scaled_for_ga = True
 
     def __init__(self, model: PreTrainedModel, args: DistillationConfig,
                  teacher: PreTrainedModel | None = None, method: Method | None = None,
-                 processing_class: PreTrainedTokenizerBase | None = None, **kwargs: Any) -> None:
-        if teacher is not None:
-            check_vocab(teacher, model)
+                 processing_class: PreTrainedTokenizerBase | None = None,
+                 teacher_processing_class: PreTrainedTokenizerBase | None = None, **kwargs: Any) -> None:
         if method is None:
-            cls = get_method(args.method.name)
-            method = cls(cls.Params.from_dict(args.method.params), teacher)
-        kwargs.setdefault("data_collator", DistillCollator(_pad_id(processing_class, model)))
+            method = build_method(args.method.name, args.method.params, processing_class,
+                                  teacher_processing_class)
+        kwargs.setdefault("data_collator", method.collate)
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
         self.method = method
-        # ZeRO-3 partitions the lm_head weight: the chunked loss cannot read it, use full logits
-        self.method.hidden_ok = _zero_stage(args) != 3
         self.teacher = teacher
-        # We want `num_items_in_batch` (label tokens of the accumulated batch) in compute_loss.
+        # We want `num_items_in_batch` (loss items of the accumulated batch) in compute_loss.
         self.model_accepts_loss_kwargs = True
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._step_loss = 0.0
+        self._sampler: Sampler | None = None
         if teacher is not None:
             self._place_teacher()
+        self.method.attach(self.teacher, model, chunked_head_ok=self._chunked_head_ok(model))
+        self.add_callback(_MethodStepCallback(self))
 
-    # -- teacher placement ------------------------------------------------------------------
+    # -- models -------------------------------------------------------------------------------
     def _place_teacher(self) -> None:
         teacher = self.teacher
         teacher.eval()
@@ -65,65 +65,96 @@ class DistillationTrainer(Trainer):
             self.teacher = prepare_deepspeed(teacher, self.accelerator)
         else:
             self.teacher = teacher.to(self.args.device)
-        self.method.teacher = self.teacher
 
-    # -- on-policy / sequence-level sampling ------------------------------------------------
-    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        inputs = super()._prepare_inputs(inputs)
-        if not self.model.training:
-            return inputs
-        source = self.method.response_source(random)  # the Trainer checkpoints `random`'s state
-        inputs["_source"] = source
-        if source == "dataset":
-            return inputs
-        generator = self.model if source == "student" else self.teacher
-        return self._sample_responses(generator, inputs) | {"_source": source}
+    def _chunked_head_ok(self, student: PreTrainedModel) -> bool:
+        """The chunked loss reads lm_head weights outside the forward: not under ZeRO-3 / FSDP
+        (partitioned), and only for heads `LMHead` reproduces (checked once on a real input)."""
+        if _zero_stage(self.args) == 3 or self.is_fsdp_enabled:
+            return False
+        probe = {"input_ids": torch.tensor([[0, 1, 2, 3]], device=self.args.device)}
+        for model in (student, self.teacher):
+            if model is None:
+                continue
+            head = lm_head_of(model)
+            if head is None:
+                continue        # forward_head falls back to full logits for this side on its own
+            was_training = model.training
+            model.eval()
+            try:
+                if not verify_head(model.to(self.args.device), head, probe):
+                    return False
+            finally:
+                model.train(was_training)
+        return True
+
+    # -- responses: dataset, or sampled before the window's items are counted --------------------
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device
+                          ) -> tuple[list, torch.Tensor | None]:
+        """Fetch the accumulation window, replace sampled responses first, then count the loss
+        items of the whole window (all ranks): on-policy 1x8 and 4x2 give the same update."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = [self._with_responses(self._prepare_inputs(b), i) for i, b in enumerate(batches)]
+        if not batches:
+            return batches, None
+        count = torch.tensor(sum(self.method.count_items(b) for b in batches), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return batches, count
+
+    def _with_responses(self, batch: dict[str, Any], micro: int) -> dict[str, Any]:
+        # Seeded by (seed, step, micro-batch): all ranks agree on the source (ZeRO-3 needs it),
+        # and a resumed run draws what the uninterrupted one drew (the Trainer restores its own
+        # RNG state only after this window is fetched).
+        key = f"{self.args.seed}:{self.state.global_step}:{micro}"
+        source = self.method.response_source(random.Random(key))
+        if source != "dataset":
+            generator = self.model_wrapped if source == "student" else self.teacher
+            seed = random.Random(f"{key}:{self.args.process_index}").randrange(2**31)
+            batch = self._sample_responses(generator, batch, seed)
+        batch["_source"] = source
+        return batch
 
     @torch.no_grad()
-    def _sample_responses(self, generator: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-        """Sample responses for the batch's prompts and re-pack them right-padded like dataset
-        batches, so the loss code path is the same for every source."""
-        p = self.method.params
-        unwrapped = self.accelerator.unwrap_model(generator)
-        was_training = unwrapped.training
-        unwrapped.eval()
-        prompt, pmask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-        out = unwrapped.generate(
-            input_ids=prompt, attention_mask=pmask, do_sample=True, temperature=p.gen_temperature,
-            top_p=p.top_p, max_new_tokens=p.max_new_tokens, pad_token_id=self._pad,
-            eos_token_id=unwrapped.generation_config.eos_token_id, use_cache=True)
-        unwrapped.train(was_training)
-        gen = out[:, prompt.shape[1]:]
-        eos = unwrapped.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
-        rows = []
-        for i in range(prompt.shape[0]):
-            ids = prompt[i][pmask[i].bool()].tolist()
-            resp = []
-            for tok in gen[i].tolist():
-                resp.append(tok)
-                if tok in eos_ids:
-                    break
-            rows.append({"input_ids": ids + resp, "labels": [-100] * len(ids) + resp,
-                         "prompt_len": len(ids)})
-        new = self.data_collator(rows)
-        return {k: v.to(prompt.device) for k, v in new.items()}
+    def _sample_responses(self, generator: torch.nn.Module, batch: dict[str, Any], seed: int) -> dict[str, Any]:
+        """Sample responses for the batch's prompts; the method builds the batch from the rows
+        (student-token ids; prompt rows' extra keys carried over)."""
+        from trl.models.utils import unwrap_model_for_generation
 
-    @property
-    def _pad(self) -> int:
-        return self.data_collator.pad
+        spec = dataclasses.replace(self.method.sampling(), seed=seed)
+        prompt, pmask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        prompts = [prompt[i][pmask[i].bool()].tolist() for i in range(prompt.shape[0])]
+        eos_ids = _eos_ids(self.processing_class, self.accelerator.unwrap_model(generator))
+        limit = getattr(getattr(self.args, "data", None), "max_length", None)
+        if self._sampler is None:
+            self._sampler = make_sampler(getattr(self.method.params, "sampler", "hf"),
+                                         pad_id(self.processing_class))
+        sampler = self._sampler if generator is self.model_wrapped else HFSampler(pad_id(self.processing_class))
+        # ZeRO-3: gather the partitioned parameters for generate (a no-op otherwise)
+        with unwrap_model_for_generation(generator, self.accelerator) as unwrapped:
+            was_training = unwrapped.training
+            unwrapped.eval()
+            responses = sampler.sample(unwrapped, prompts, spec, eos_ids)
+            unwrapped.train(was_training)
+        keep = {k: v for k, v in batch.items() if k not in _SEQUENCE_KEYS and not k.startswith("_")}
+        rows = []
+        for i, (ids, resp) in enumerate(zip(prompts, responses)):
+            if limit is not None:
+                resp = resp[: max(0, limit - len(ids))]      # data.max_length bounds sampled rows too
+            rows.append({"input_ids": ids + resp, "labels": [-100] * len(ids) + resp,
+                         "prompt_len": len(ids)}
+                        | {k: (v[i].tolist() if torch.is_tensor(v) else v[i]) for k, v in keep.items()})
+        new = self.method.sampled_batch(rows)
+        return {k: v.to(prompt.device) if torch.is_tensor(v) else v for k, v in new.items()}
 
     # -- loss ---------------------------------------------------------------------------------
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         source = inputs.pop("_source", "dataset")
-        if source != "dataset" or not self.method.uses_num_items:
-            # Sampled batches have their own token count, and some methods normalise per
-            # micro-batch (Method.uses_num_items): then divide by the grad-accumulation steps.
-            num_items_in_batch = None
+        if not self.method.uses_num_items or not model.training:
+            num_items_in_batch = None       # per-micro-batch means (see Method.uses_num_items)
         targets = self.method.teacher_targets(inputs)
-        hidden = self.method.wants_hidden()
-        student = forward_head(model, inputs, hidden=hidden,
+        student = forward_head(model, inputs, hidden=self.method.wants_hidden(),
+                               vocab=self.method.vocab_size,
                                head_owner=self.accelerator.unwrap_model(model))
         loss, metrics = self.method.loss(student, targets, inputs, num_items_in_batch)
         if num_items_in_batch is None and model.training:
@@ -131,15 +162,8 @@ class DistillationTrainer(Trainer):
         elif self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes   # DDP averages; num_items is global
         prefix = "" if model.training else "eval_"
-        # A loss over num_items (the global accumulated batch) is 1/(GA x ranks) of a mean per
-        # micro-batch: scale the logged components back to per-token means.
-        scale = 1
-        if num_items_in_batch is not None and model.training:
-            scale = self.current_gradient_accumulation_steps
-            if self.args.average_tokens_across_devices:   # num_items is then the global count
-                scale *= self.accelerator.num_processes
-        for key, value in metrics.items():
-            self._metrics[prefix + key].append(value * scale)
+        for key, value in metrics.items():       # plain means: no GA / rank rescaling
+            self._metrics[prefix + key].append(value)
         if model.training:
             self._metrics["on_policy"].append(float(source == "student"))
         return (loss, student) if return_outputs else loss
@@ -162,18 +186,24 @@ class DistillationTrainer(Trainer):
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # once per optimizer step (the last micro-batch of an accumulation window)
-        if self.accelerator.sync_gradients:
-            self.method.on_step_end(self.state.global_step + 1, float(loss.detach()))
+        self._step_loss += float(loss)
         return loss
 
+    def _finish_step(self) -> None:
+        """After the optimizer step: the step's loss (summed over micro-batches, averaged over
+        ranks: the same number everywhere) goes to the method."""
+        value = torch.tensor(self._step_loss, dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            value = self.accelerator.reduce(value, reduction="mean")
+        self._step_loss = 0.0
+        self.method.on_step_end(self.state.global_step, float(value))
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            tmp = folder / (METHOD_STATE + ".tmp")
-            tmp.write_text(json.dumps(self.method.state_dict()))
-            os.replace(tmp, folder / METHOD_STATE)
+        """Atomic: written to a staging dir (method state included), renamed when complete."""
+        from llmkd.checkpoint import save_checkpoint
+
+        save_checkpoint(self, model, trial, super()._save_checkpoint,
+                        extra_files={METHOD_STATE: json.dumps(self.method.state_dict())})
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Model dirs hold no pickle: the Trainer's training_args.bin becomes readable JSON."""
@@ -184,41 +214,53 @@ class DistillationTrainer(Trainer):
             (out / "training_args.json").write_text(self.args.to_json_string())
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """`resume_from_checkpoint=True` takes the newest *complete* checkpoint; SIGINT/SIGTERM
+        finish the step, save it and raise `llmkd.interrupt.TrainingInterrupted`."""
+        from llmkd.checkpoint import resolve_resume
+        from llmkd.interrupt import stop_on_signal
+
         if resume_from_checkpoint is None and self.args.resume_from_checkpoint:
             resume_from_checkpoint = self.args.resume_from_checkpoint
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=true but {self.args.output_dir} has no checkpoint")
+        resume_from_checkpoint = resolve_resume(self.args, resume_from_checkpoint)
         if resume_from_checkpoint:
             state_file = Path(resume_from_checkpoint) / METHOD_STATE
             if state_file.exists():
                 self.method.load_state_dict(json.loads(state_file.read_text()))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+        with stop_on_signal(self):
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
-def check_vocab(teacher: PreTrainedModel, student: PreTrainedModel) -> None:
-    """Token KD needs one vocabulary: compare output sizes before anything runs."""
-    # under ZeRO-3 the local tensor is an empty shard; ds_shape is the full shape
-    vt = _full_shape(teacher.get_output_embeddings().weight)[0]
-    vs = _full_shape(student.get_output_embeddings().weight)[0]
-    if vt != vs:
-        raise ValueError(
-            f"teacher vocab ({vt}) != student vocab ({vs}): token_kd needs a shared tokenizer; "
-            "pairs with different tokenizers need cross-tokenizer distillation (method "
-            "cross_tokenizer, designed but not built yet)")
+def build_method(name: str, params: dict[str, Any], student_tokenizer: PreTrainedTokenizerBase | None,
+                 teacher_tokenizer: PreTrainedTokenizerBase | None = None) -> Method:
+    """The configured method, set up with both tokenizers (checks the pair before any weights)."""
+    cls = get_method(name)
+    method = cls(cls.Params.from_dict(params))
+    method.setup(student_tokenizer, teacher_tokenizer)
+    return method
 
 
-def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
-    return tuple(getattr(param, "ds_shape", param.shape))
+class _MethodStepCallback(TrainerCallback):
+    """Calls the method's on_step_end after each optimizer step (the Trainer's own hook point)."""
+
+    def __init__(self, trainer: DistillationTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._finish_step()
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase | None, model: PreTrainedModel) -> int:
-    for cand in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
-                 model.config.pad_token_id):
-        if cand is not None:
-            return int(cand)
-    return 0
+def _eos_ids(tokenizer: PreTrainedTokenizerBase | None, model: torch.nn.Module) -> set[int]:
+    """Every id that ends a response: the tokenizer's eos and the checkpoint's (chat models list
+    several, e.g. <|im_end|> and <|endoftext|>)."""
+    ids: set[int] = set()
+    for eos in (getattr(tokenizer, "eos_token_id", None),
+                getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return ids
+
+
+_SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels", "prompt_input_ids", "prompt_attention_mask",
+                  "teacher_topk_ids", "teacher_topk_logprobs", "position_ids")
 
 
 def _zero_stage(args: DistillationConfig) -> int:

@@ -66,7 +66,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="alpha"):
         RationaleParams(alpha=1.5)
     with pytest.raises(ValueError, match="live teacher"):
-        Rationale(RationaleParams(kd_weight=1.0), None)
+        Rationale(RationaleParams(kd_weight=1.0)).attach(None, None, chunked_head_ok=True)
 
 
 def _batch(tiny_pair, rows: Dataset, params: RationaleParams) -> dict[str, torch.Tensor]:
@@ -93,7 +93,7 @@ def test_loss_is_weighted_sum_of_task_means(tiny_pair):
                               for a, b in ((2, 3), (10, 7), (31, 4))])
     params = RationaleParams(alpha=0.3)
     batch = _batch(tiny_pair, rows, params)
-    method = Rationale(params, None)
+    method = Rationale(params)
     with torch.no_grad():
         out = forward_head(student, batch, hidden=False)
         loss, metrics = method.loss(out, TeacherTargets(), batch, num_items=1000)   # num_items unused
@@ -109,7 +109,8 @@ def test_loss_is_weighted_sum_of_task_means(tiny_pair):
 
         # + token KD on the rationale rows from a live teacher
         kd_params = RationaleParams(alpha=0.3, kd_weight=2.0, kind="rkl")
-        kd_method = Rationale(kd_params, teacher)
+        kd_method = Rationale(kd_params)
+        kd_method.attach(teacher, student, chunked_head_ok=True)
         loss2, metrics2 = kd_method.loss(out, kd_method.teacher_targets(batch), batch, None)
         r = batch["task"] == RATIONALE
         kd = divergence(out.logits[r, :-1], teacher(input_ids=batch["input_ids"][r],

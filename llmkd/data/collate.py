@@ -63,6 +63,15 @@ def tokenize_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, respo
     return out.filter(lambda r: r["prompt_len"] < max_length, desc="drop over-long prompts")
 
 
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Size + hash of the token -> id map: two tokenizers that map every token alike agree."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items())
+    return {"size": len(tokenizer), "sha": hashlib.sha256(json.dumps(vocab).encode()).hexdigest()}
+
+
 class DistillCollator:
     """Right-pads sequences (training), left-pads prompts (for on-policy generation) and lays the
     teacher's top-k columns on the label positions they belong to."""

@@ -20,15 +20,15 @@ that task's weighted term (weights are not renormalised, so the expected loss st
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from llmkd.losses import divergence
-from llmkd.losses.divergences import check_params, compute_dtype
-from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets
+from llmkd.losses.divergences import compute_dtype
+from llmkd.methods.base import HeadOutput, Method, TeacherTargets
+from llmkd.methods.params import LABEL, RATIONALE, RationaleParams   # torch-free: configs validate before torch loads
 from llmkd.methods.token_kd import shifted_mask
 from llmkd.models.head import run_head
 
@@ -36,45 +36,8 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedModel
 
-LABEL, RATIONALE = 0, 1
 GENERATE_HINT = ("run `llmkd generate configs/generate/rationale.yaml` (mode: rationale) and point "
                  "data.path at its output, or give a data file with a `rationale` column")
-
-
-@dataclass
-class RationaleParams(MethodParams):
-    alpha: float = 0.5                                  # weight of the label task; 1 - alpha: rationale
-    label_prefix: str = "[label] "
-    rationale_prefix: str = "[rationale] "
-    answer_template: str = "The answer is {answer}."
-    rationale_template: str = "{rationale} So the answer is {answer}."
-    keep_incorrect: bool = False                        # also train on rationales with a wrong answer
-    kd_weight: float = 0.0                              # + kd_weight * KD on rationale rows (live teacher)
-    kind: str = "fkl"                                   # divergence of that KD (see llmkd.losses)
-    beta: float = 0.5
-    lam: float = 0.1
-    temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_params(self.kind, self.beta, self.lam, self.temperature)
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"method.alpha={self.alpha} is outside [0, 1]; 0.5 weighs both tasks equally")
-        if self.kd_weight < 0:
-            raise ValueError(f"method.kd_weight={self.kd_weight} must be >= 0")
-        if self.label_prefix == self.rationale_prefix:
-            raise ValueError(f"method.label_prefix and method.rationale_prefix are both "
-                             f"{self.label_prefix!r}; the student tells the tasks apart by them")
-        if "{answer}" not in self.answer_template:
-            raise ValueError(f"method.answer_template={self.answer_template!r} lacks '{{answer}}'")
-        if "{rationale}" not in self.rationale_template or "{answer}" not in self.rationale_template:
-            raise ValueError(f"method.rationale_template={self.rationale_template!r} needs both "
-                             "'{rationale}' and '{answer}'")
-
-    @property
-    def tasks(self) -> tuple[int, ...]:
-        """Tasks with a non-zero weight: rows of a zero-weight task would only cost compute."""
-        return tuple(t for t, on in ((LABEL, self.alpha > 0),
-                                     (RATIONALE, self.alpha < 1 or self.kd_weight > 0)) if on)
 
 
 def _usable(rationale: Any, correct: bool | None, keep_incorrect: bool) -> bool:
@@ -90,12 +53,15 @@ class Rationale(Method):
     Params = RationaleParams
     uses_num_items = False
 
-    def __init__(self, params: RationaleParams, teacher: "PreTrainedModel | None") -> None:
-        if params.kd_weight > 0 and teacher is None:
+    needs_live_teacher = False      # only the optional KD term (kd_weight > 0) runs the teacher
+
+    def attach(self, teacher: "PreTrainedModel | None", student: "PreTrainedModel", *,
+               chunked_head_ok: bool) -> None:
+        if self.params.kd_weight > 0 and teacher is None:
             raise ValueError("method.kd_weight > 0 needs a live teacher (model.teacher_mode=live): the "
                              "generated top-k columns belong to the teacher's CoT response and do not "
                              "line up with the [rationale] rows; or set method.kd_weight=0")
-        super().__init__(params, teacher)
+        super().attach(teacher, student, chunked_head_ok=chunked_head_ok)
 
     # -- data -------------------------------------------------------------------------------
     @classmethod
@@ -158,7 +124,7 @@ class Rationale(Method):
         if self.params.kd_weight == 0 or not rows.any():
             return TeacherTargets()
         sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask")}
-        return TeacherTargets(output=run_head(self.teacher, sub, hidden=False))
+        return TeacherTargets(output=run_head(self.teacher, sub, hidden=False, vocab=self.vocab_size))
 
     def loss(self, student: HeadOutput, targets: TeacherTargets, batch: dict[str, torch.Tensor],
              num_items: torch.Tensor | int | None) -> tuple[torch.Tensor, dict[str, float]]:
