@@ -1,0 +1,232 @@
+"""Tokenizer-pair alignment: cut two tokenizations of one text into chunks that cover the same
+characters, so a teacher and a student with different tokenizers can be compared chunk by chunk.
+
+Both tokenizers must be fast (Rust) tokenizers: their character offsets are what makes the
+alignment exact. A cut between two tokens is *valid* when no character is shared across it (a
+byte-level token holding half of a multi-byte character overlaps its neighbour, so it can never
+end a chunk). Chunks are the shortest spans between the character positions where both
+tokenizations have a valid cut. Everything here works on plain lists: no torch, computed once per
+example when features are built.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerBase
+
+Span = tuple[int, int]
+Chunk = tuple[Span, Span]        # ((start_a, end_a), (start_b, end_b)), token indices, end exclusive
+
+# Offset-only copies of each tokenizer's Rust backend, made once per tokenizer object.
+_BACKENDS: "weakref.WeakKeyDictionary[Any, tuple[int, Tokenizer]]" = weakref.WeakKeyDictionary()
+
+
+def offsets_backend(tokenizer: "PreTrainedTokenizerBase") -> "Tokenizer":
+    """The tokenizer's Rust backend without its post-processor.
+
+    Post-processors only add special tokens (never with add_special_tokens=False) and, for
+    GPT-2-style `ByteLevel(trim_offsets=True)`, shrink offsets so that leading spaces belong to no
+    token; without it every character of the text belongs to exactly one token, which is what the
+    alignment needs. Token ids are unchanged.
+    """
+    cached = _BACKENDS.get(tokenizer)
+    if cached is not None and cached[0] == len(tokenizer):   # re-made when tokens were added
+        return cached[1]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} ({getattr(tokenizer, 'name_or_path', '')!r}) is a "
+            "slow (Python) tokenizer without character offsets, which cross-tokenizer alignment "
+            "needs; load a fast tokenizer instead: AutoTokenizer.from_pretrained(path, use_fast=True) "
+            "(or convert it with transformers' convert_slow_tokenizer)")
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.post_processor = None
+    copy.no_truncation()
+    copy.no_padding()
+    _BACKENDS[tokenizer] = (len(tokenizer), copy)
+    return copy
+
+
+def encode_with_offsets(tokenizer: "PreTrainedTokenizerBase",
+                        texts: Sequence[str]) -> list[tuple[list[int], list[Span]]]:
+    """(token ids, character offsets) of each text with add_special_tokens=False; the ids equal
+    `tokenizer(text, add_special_tokens=False).input_ids`. Batched in Rust."""
+    encs = offsets_backend(tokenizer).encode_batch(list(texts), add_special_tokens=False)
+    return [(list(e.ids), [tuple(o) for o in e.offsets]) for e in encs]
+
+
+def valid_cuts(offsets: Sequence[Span]) -> dict[int, int]:
+    """Character position -> number of tokens before it, for every valid cut (smallest count
+    where zero-width tokens make several counts share a position).
+
+    The cut before token t sits at the furthest end of tokens < t and is valid when no later
+    token starts before it. Zero-width tokens constrain nothing.
+    """
+    n = len(offsets)
+    suffix_start = [float("inf")] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        s, e = offsets[i]
+        suffix_start[i] = min(suffix_start[i + 1], s) if e > s else suffix_start[i + 1]
+    cuts: dict[int, int] = {}
+    end = 0
+    for t in range(n + 1):
+        if t:
+            s, e = offsets[t - 1]
+            if e > s:
+                end = max(end, e)
+        if end <= suffix_start[t]:
+            cuts.setdefault(end, t)
+    return cuts
+
+
+def chunks_from_offsets(offsets_a: Sequence[Span], offsets_b: Sequence[Span], *,
+                        region: Span | None = None, region_b: Span | None = None) -> list[Chunk]:
+    """Shortest chunks whose character spans end together.
+
+    Without `region`, the chunks cover both token sequences completely (the first starts at token
+    0, the last ends at the last token on each side). With `region=(start, end)` (characters of
+    side a's text) and `region_b` (the same characters in side b's text, which may be a different
+    string, e.g. another chat template), only the tokens inside the region are chunked; a token
+    that straddles the region's edge stays outside every chunk.
+    """
+    cuts_a, cuts_b = valid_cuts(offsets_a), valid_cuts(offsets_b)
+    if region is None:
+        shift, lo, hi = 0, 0, max(cuts_a)
+    else:
+        lo, hi = region
+        rb = region_b if region_b is not None else region
+        if rb[1] - rb[0] != hi - lo:
+            raise ValueError(f"regions {region} and {rb} have different lengths")
+        shift = rb[0] - lo
+    common = [(cuts_a[c], cuts_b[c + shift]) for c in sorted(cuts_a)
+              if lo <= c <= hi and c + shift in cuts_b]
+    if region is None:   # cover both sequences completely, whatever the edge offsets say
+        common = [(0, 0)] + [p for p in common if 0 < p[0] < len(offsets_a) and 0 < p[1] < len(offsets_b)]
+        common.append((len(offsets_a), len(offsets_b)))
+    chunks: list[Chunk] = []
+    for (a0, b0), (a1, b1) in zip(common, common[1:]):
+        if a1 > a0 and b1 > b0:
+            chunks.append(((a0, a1), (b0, b1)))
+    return chunks
+
+
+def align_chunks(text: str, tokenizer_a: "PreTrainedTokenizerBase",
+                 tokenizer_b: "PreTrainedTokenizerBase") -> list[Chunk]:
+    """Token-index spans [start, end) in each tokenization of `text` (add_special_tokens=False),
+    covering both completely and in order; chunks are the shortest whose character ends coincide.
+    An empty text has no chunks."""
+    (_, off_a), = encode_with_offsets(tokenizer_a, [text])
+    (_, off_b), = encode_with_offsets(tokenizer_b, [text])
+    if not off_a or not off_b:
+        if off_a or off_b:
+            raise ValueError(f"one tokenizer produced no tokens for {text[:40]!r}; cannot align")
+        return []
+    return chunks_from_offsets(off_a, off_b)
+
+
+@dataclass
+class AlignedText:
+    """One text under both tokenizers and its chunks."""
+
+    ids_a: list[int]
+    ids_b: list[int]
+    chunks: list[Chunk]
+
+
+class ChunkAligner:
+    """Aligns many texts for one tokenizer pair: batched Rust encoding, backends made once.
+    Use it in `Dataset.map(batched=True)` so the alignment is computed once per example."""
+
+    def __init__(self, tokenizer_a: "PreTrainedTokenizerBase", tokenizer_b: "PreTrainedTokenizerBase") -> None:
+        self.tokenizer_a, self.tokenizer_b = tokenizer_a, tokenizer_b
+        offsets_backend(tokenizer_a)
+        offsets_backend(tokenizer_b)
+
+    def __call__(self, texts: Sequence[str]) -> list[AlignedText]:
+        enc_a = encode_with_offsets(self.tokenizer_a, texts)
+        enc_b = encode_with_offsets(self.tokenizer_b, texts)
+        out = []
+        for text, (ids_a, off_a), (ids_b, off_b) in zip(texts, enc_a, enc_b):
+            if bool(ids_a) != bool(ids_b):
+                raise ValueError(f"one tokenizer produced no tokens for {text[:40]!r}; cannot align")
+            out.append(AlignedText(ids_a, ids_b, chunks_from_offsets(off_a, off_b) if ids_a else []))
+        return out
+
+
+def render_chat(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]],
+                **template_kwargs: Any) -> tuple[str, list[Span]]:
+    """The tokenizer's own chat template applied to `messages`, and the character span of each
+    message's content in the rendered text (found in order; templates that trim content are
+    matched on the trimmed content)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template; "
+                         "set tokenizer.chat_template or align plain text with align_chunks")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        content = m["content"]
+        pos = text.find(content, cursor)
+        if pos < 0 and content.strip() != content:
+            content = content.strip()
+            pos = text.find(content, cursor)
+        if pos < 0:
+            raise ValueError(f"message {i} ({m['role']}): its content is not found verbatim in the "
+                             "rendered chat template, so it cannot be aligned across tokenizers")
+        spans.append((pos, pos + len(content)))
+        cursor = pos + len(content)
+    return text, spans
+
+
+@dataclass
+class AlignedChat:
+    """A conversation under each tokenizer's own chat template; chunks cover message contents
+    only (template tokens differ between tokenizers and have no counterpart). `chunk_message[k]`
+    is the message index chunk k belongs to."""
+
+    ids_a: list[int]
+    ids_b: list[int]
+    chunks: list[Chunk]
+    chunk_message: list[int]
+
+
+def align_chat(messages: list[dict[str, str]], tokenizer_a: "PreTrainedTokenizerBase",
+               tokenizer_b: "PreTrainedTokenizerBase", **template_kwargs: Any) -> AlignedChat:
+    """Render `messages` with each tokenizer's own chat template (special tokens are part of the
+    template text) and align the tokens of each message's content."""
+    text_a, spans_a = render_chat(tokenizer_a, messages, **template_kwargs)
+    text_b, spans_b = render_chat(tokenizer_b, messages, **template_kwargs)
+    (ids_a, off_a), = encode_with_offsets(tokenizer_a, [text_a])
+    (ids_b, off_b), = encode_with_offsets(tokenizer_b, [text_b])
+    chunks, owner = [], []
+    for i, (m, ra, rb) in enumerate(zip(messages, spans_a, spans_b)):
+        if ra[1] - ra[0] != rb[1] - rb[0]:   # one template trimmed the content, the other did not
+            ra, rb = _narrow(text_a, ra, m["content"].strip()), _narrow(text_b, rb, m["content"].strip())
+        found = chunks_from_offsets(off_a, off_b, region=ra, region_b=rb)
+        chunks += found
+        owner += [i] * len(found)
+    return AlignedChat(ids_a, ids_b, chunks, owner)
+
+
+def _narrow(text: str, span: Span, content: str) -> Span:
+    """The span of `content` inside `span` of `text`."""
+    pos = text.find(content, span[0], span[1])
+    return (pos, pos + len(content))
+
+
+def chunk_index(chunks: Iterable[Chunk], length: int, side: int, *, offset: int = 0,
+                first_chunk: int = 0) -> list[int]:
+    """Per token of one side (0 = a, 1 = b), the id of its chunk or -1: the layout the losses'
+    segment sums take. `offset` shifts token indices (e.g. by a prompt length), `first_chunk`
+    numbers chunks after ones already laid out."""
+    index = [-1] * length
+    for k, chunk in enumerate(chunks):
+        start, end = chunk[side]
+        for t in range(start + offset, min(end + offset, length)):
+            index[t] = first_chunk + k
+    return index
