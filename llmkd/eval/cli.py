@@ -14,6 +14,8 @@ Eval YAML (every key optional except models/model and recipes)::
     prompt_prefix: ""                     # before every prompt, e.g. "[label] " (rationale method)
     out: runs/eval                        # results in OUT/<label>/<recipe>/metrics.json
     overwrite: false
+    speculative: runs/taid/student        # draft: measure speculative decoding of each model with it
+    gamma: 4                              # draft tokens per target call (with speculative)
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ class EvalSpec:
     prompt_prefix: str = ""     # task prefix of a multi-task student ("[label] ", "[rationale] ")
     out: str = "runs/eval"
     overwrite: bool = False
+    speculative: str | None = None   # draft model dir: measured speculative decoding (targets = models)
+    gamma: int = 4                   # draft tokens per target call, with `speculative`
 
     def model_dirs(self) -> dict[str, str]:
         """{label: dir}; a label defaults to the directory name."""
@@ -76,7 +80,8 @@ def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
     flags = {"models": args.model, "recipes": args.recipes, "backend": args.backend,
              "num_examples": args.num_examples, "offset": args.offset, "seed": args.seed,
              "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "out": args.out,
-             "prompt_prefix": args.prompt_prefix}
+             "prompt_prefix": args.prompt_prefix, "speculative": args.speculative,
+             "gamma": args.gamma}
     for key, value in flags.items():
         if value is not None:
             setattr(spec, key, value)
@@ -92,6 +97,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from llmkd.eval.reasoning import evaluate_reasoning
     from llmkd.generation.backends import BACKENDS, check_model_dir
     from llmkd.models.embedded import resolve_model_name
+    from llmkd.preflight import check_output_dir
 
     spec = _spec_from_args(args)
     # Everything the user typed is checked here, before any dataset or model is loaded.
@@ -102,7 +108,15 @@ def run_eval(args: argparse.Namespace) -> int:
     for label, path in models.items():
         if path != "embedded":
             check_model_dir(path)
+    if spec.speculative:   # one result per target+draft pair, beside plain evals of the targets
+        from llmkd.eval.speculative import check_gamma
+
+        check_gamma(spec.gamma)
+        if spec.speculative != "embedded":
+            check_model_dir(spec.speculative)
+        models = {f"{label}+{Path(spec.speculative).name}": path for label, path in models.items()}
     out = Path(spec.out)
+    check_output_dir(out, "out")
     for label in models:
         for rec in recipes:
             if (out / label / rec.name / "metrics.json").exists() and not spec.overwrite:
@@ -111,6 +125,20 @@ def run_eval(args: argparse.Namespace) -> int:
     for label, path in models.items():
         path = resolve_model_name(path)
         for rec in recipes:
+            if spec.speculative:
+                from llmkd.eval.speculative import evaluate_speculative
+
+                m = evaluate_speculative(
+                    path, resolve_model_name(spec.speculative), rec, gamma=spec.gamma,
+                    num_examples=spec.num_examples, offset=spec.offset, seed=spec.seed,
+                    max_new_tokens=spec.max_new_tokens, use_chat_template=spec.use_chat_template,
+                    prompt_prefix=spec.prompt_prefix, output_dir=out / label / rec.name,
+                    label=label, overwrite=spec.overwrite)
+                print(f"{label:>20s}  {rec.name:<24s} {m['tokens_per_target_call']:.2f} tokens per "
+                      f"target call (gamma {m['gamma']}), alpha {m['acceptance_rate']:.3f}, tau "
+                      f"{m['block_efficiency']:.2f}, speed-up {m['speedup']:.2f}x, identical "
+                      f"{m['identical_outputs']}/{m['prompts']}")
+                continue
             m = evaluate_reasoning(
                 path, rec, backend=spec.backend, num_examples=spec.num_examples,
                 offset=spec.offset, seed=spec.seed, max_new_tokens=spec.max_new_tokens,
@@ -155,6 +183,11 @@ def register(subparsers: Any) -> None:
                         "distilled with method rationale")
     p.add_argument("--out", metavar="DIR", help="results in DIR/<label>/<recipe>/ (default runs/eval)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results")
+    p.add_argument("--speculative", metavar="DRAFT",
+                   help="draft model dir: measure speculative decoding (transformers assisted "
+                        "generation, greedy) of each --model with it: tokens per target call, "
+                        "speed-up, analytic alpha/tau")
+    p.add_argument("--gamma", type=int, help="draft tokens per target call (default 4)")
     p.set_defaults(func=run_eval)
 
     r = subparsers.add_parser(
