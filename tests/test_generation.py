@@ -159,13 +159,109 @@ def test_writer_atomic_shards_and_resume(tmp_path):
 
 
 def test_writer_never_mixes_configs(tmp_path):
-    ShardWriter(tmp_path / "gen", {"temperature": 0.0}, SCHEMA).add(_rows(["a"]) * 300)
-    with pytest.raises(ValueError, match="different config"):
-        ShardWriter(tmp_path / "gen", {"temperature": 0.7}, SCHEMA)
+    ShardWriter(tmp_path / "gen", {"temperature": 0.0, "n": 1}, SCHEMA).add(_rows(["a"]) * 300)
+    with pytest.raises(ValueError, match="different config .*temperature: 0.0 there, 0.7 here\\)"):
+        ShardWriter(tmp_path / "gen", {"temperature": 0.7, "n": 1}, SCHEMA)
+    # a second worker of another config is refused too, even if it started before the shards
+    late = ShardWriter(tmp_path / "late", {"temperature": 0.7}, SCHEMA, worker=1, workers=2)
+    first = ShardWriter(tmp_path / "late", {"temperature": 0.0}, SCHEMA, worker=0, workers=2)
+    first.add(_rows(["a"]))
+    first.close()
+    late.add(_rows(["b"]))
+    with pytest.raises(ValueError, match="temperature: 0.0 there, 0.7 here"):
+        late.flush()
+    assert not list((tmp_path / "late").glob("*.tmp-*"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
         ShardWriter(tmp_path / "other", {}, SCHEMA)
+
+
+def test_writer_creates_nothing_until_it_writes_and_empty_dirs_never_block(tmp_path):
+    out = tmp_path / "gen"
+    w = ShardWriter(out, {"temperature": 0.0}, SCHEMA)
+    assert not out.exists(), "a run that fails before its first shard must leave no directory"
+    del w
+    # an older llmkd wrote manifest.json before generating: a failed run left it with 0 shards
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"fingerprint": "0123", "config": {"temperature": 0.0},
+                                                   "shards": [], "rows": 0, "metadata": {}}))
+    w = ShardWriter(out, {"temperature": 0.7}, SCHEMA)    # the fixed rerun is not blocked
+    w.add(_rows(["a"]))
+    w.close(note="fixed")
+    m = read_manifest(out)
+    assert m["config"] == {"temperature": 0.7} and m["rows"] == 1 and m["metadata"] == {"note": "fixed"}
+    with pytest.raises(FileExistsError, match="output_dir .* is a file"):
+        ShardWriter(out / "manifest.json", {}, SCHEMA)
+    with pytest.raises(FileExistsError, match="cannot be created"):
+        ShardWriter(out / "manifest.json" / "sub", {}, SCHEMA)
+
+
+def test_failed_generate_leaves_nothing_and_the_fixed_rerun_runs(tmp_path, teacher, monkeypatch):
+    """issue: a failed `generate` left a 0-shard manifest that blocked the corrected rerun."""
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)]
+    cfg = GenerationConfig(model=str(teacher), recipe=_local_recipe(tmp_path, rows), num_prompts=3,
+                           backend="hf", max_model_len=MAX_LEN, max_new_tokens=4, topk=0,
+                           output_dir=str(tmp_path / "out"))
+
+    def engine_fails(*a, **k):
+        raise RuntimeError("engine failed to start")
+
+    monkeypatch.setattr("llmkd.generation.backends.make_backend", engine_fails)
+    with pytest.raises(RuntimeError, match="engine failed"):
+        run_generation(cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    fixed = GenerationConfig(**{**cfg.__dict__, "max_new_tokens": 6})
+    assert len(load_generated(run_generation(fixed, progress=False))) == 3
+
+
+def test_two_workers_write_the_same_rows_as_one(tmp_path, teacher):
+    """Two real `llmkd generate` processes split one run's prompts into one dir, concurrently."""
+    rows = [{"question": f"What is {i} + {2 * i}?", "answer": str(3 * i)} for i in range(10)]
+    base = [REPO / "configs/generate/quickstart.yaml", "--set", f"model={teacher}",
+            "--set", f"recipe={_local_recipe(tmp_path, rows)}", "--set", "backend=hf",
+            "--set", "num_prompts=10", "--set", "n=2", "--set", "max_new_tokens=8", "--set", "topk=3",
+            "--set", f"max_model_len={MAX_LEN}", "--set", "shard_size=3", "--set", "batch_size=2",
+            "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "llmkd.generation.cli", *map(str, base),
+                "--set", f"output_dir={out}", *extra]
+
+    procs = [subprocess.Popen(cmd(tmp_path / "two", "--set", "workers=2", "--set", f"worker={w}"),
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for w in (0, 1)]
+    overrides = [a for a in map(str, base[1:]) if a not in ("--set", "--no-progress")]
+    run_generation(load_config(base[0], [*overrides, f"output_dir={tmp_path / 'one'}"]), progress=False)
+    for w, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-2000:]
+        assert f"worker {w}/2" in out
+    names = sorted(p.name for p in (tmp_path / "two").glob("shard-*"))
+    assert {n[:10] for n in names} == {"shard-w000", "shard-w001"}
+    m = read_manifest(tmp_path / "two")
+    assert len(m["shards"]) == len(names) and m["rows"] == 20 and m["metadata"]["totals"]["rows"] == 20
+    assert sorted(m["metadata"]["workers"]) == ["0", "1"]
+    assert sum(w["prompts"]["generated_this_run"] for w in m["metadata"]["workers"].values()) == 10
+
+    def by_key(path):
+        ds = load_generated(path)
+        return {(r["id"], r["sample"]): r for r in ds}
+
+    a, b = by_key(tmp_path / "one"), by_key(tmp_path / "two")
+    assert sorted(a) == sorted(b) and len(a) == 20
+    for key, row in a.items():
+        assert row["response_token_ids"] == b[key]["response_token_ids"]
+        assert row["teacher_topk_ids"] == b[key]["teacher_topk_ids"]
+        assert torch.allclose(torch.tensor(row["teacher_topk_logprobs"]),
+                              torch.tensor(b[key]["teacher_topk_logprobs"]), atol=1e-4)
+    # resume per worker: a rerun of worker 1 finds its prompts done and generates nothing
+    run_generation(load_config(base[0], [*overrides, f"output_dir={tmp_path / 'two'}", "workers=2",
+                                         "worker=1"]), progress=False)
+    assert read_manifest(tmp_path / "two")["metadata"]["workers"]["1"]["prompts"]["generated_this_run"] == 0
+    assert sorted(p.name for p in (tmp_path / "two").glob("shard-*")) == names
 
 
 def _local_recipe(tmp_path, rows, **fields) -> str:
@@ -219,9 +315,18 @@ def test_config_validation(tmp_path):
         load_config(None, ["tempreature=0.5"])
     with pytest.raises(ValueError, match="mode='cot' is unknown"):
         load_config(None, ["mode=cot"])
-    cfg = load_config(REPO / "configs/generate/rationale.yaml", ["n=2", "engine.tensor_parallel_size=2"])
+    cfg = load_config(REPO / "configs/generate/rationale.yaml", ["n=2", "tensor_parallel_size=2"])
     assert cfg.n == 2 and cfg.mode == "rationale" and not cfg.keep_all
-    assert cfg.engine == {"tensor_parallel_size": 2} and cfg.prompts_per_batch == 16  # batch_size wins
+    assert cfg.tensor_parallel_size == 2 and cfg.prompts_per_batch == 16  # batch_size wins
+    # layout and speed settings never change the fingerprint: workers can join a run
+    base = load_config(REPO / "configs/generate/rationale.yaml").fingerprint_fields(Path("m"))
+    assert cfg.fingerprint_fields(Path("m")) == {**base, "n": 2}
+    with pytest.raises(ValueError, match="worker=2 must be in"):
+        load_config(None, ["workers=2", "worker=2"])
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs backend=vllm"):
+        load_config(None, ["backend=hf", "tensor_parallel_size=2"])
+    with pytest.raises(ValueError, match="top-level tensor_parallel_size"):
+        load_config(None, ["engine.tensor_parallel_size=2"])
     assert load_config(REPO / "configs/generate/quickstart.yaml").keep_all
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         run_mod.resolve_model(str(tmp_path))

@@ -22,9 +22,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = run_generation(cfg, progress=args.progress)
     meta = read_manifest(out)["metadata"]
-    print(f"[llmkd] {out}: {meta['totals']['rows']} rows "
-          f"(yield {meta['totals']['yield']}, {meta['prompts']['skipped_too_long']} prompts too long), "
-          f"{meta['last_run']['tokens_per_second']} tok/s this run")
+    mine = meta["workers"][str(cfg.worker)] if cfg.workers > 1 else meta
+    who = f" worker {cfg.worker}/{cfg.workers}:" if cfg.workers > 1 else ""
+    print(f"[llmkd] {out}:{who} {meta['totals']['rows']} rows in the dir "
+          f"(yield {meta['totals']['yield']}, {mine['prompts']['skipped_too_long']} prompts too long), "
+          f"{mine['last_run']['tokens_per_second']} tok/s this run")
     return 0
 
 

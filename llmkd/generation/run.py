@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from llmkd.generation.backends import BACKENDS, DTYPES, Completion, SamplingSpec
 
 if TYPE_CHECKING:
@@ -34,7 +33,8 @@ class GenerationConfig:
     backend: str = "vllm"                # vllm | hf
     dtype: str = "float32"
     max_model_len: int = 1024
-    engine: dict = field(default_factory=dict)   # extra engine kwargs (tensor_parallel_size, ...)
+    tensor_parallel_size: int = 1        # vLLM: GPUs one engine shards the teacher over
+    engine: dict = field(default_factory=dict)   # extra engine kwargs (kv_cache_memory_bytes, ...)
     recipe: str = "chain_sum"            # data_recipes name or recipe YAML path
     data_path: str | None = None         # local data file overriding the recipe's source
     num_prompts: int = 64
@@ -51,17 +51,28 @@ class GenerationConfig:
     output_dir: str = "outputs/generations/run"
     shard_size: int = 256                # rows per parquet shard
     batch_size: int | None = None        # prompts per generation batch; None: shard_size // n
+    workers: int = 1                     # processes (GPUs, nodes) sharing this run's prompts
+    worker: int = 0                      # which of them this is: prompt i goes to i % workers
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("backend", self.backend, BACKENDS), ("mode", self.mode, MODES),
                                      ("dtype", self.dtype, DTYPES)):
             if value not in allowed:
                 raise ValueError(f"config: {name}={value!r} is unknown; use one of {allowed}")
-        for name in ("num_prompts", "shard_size", "max_model_len"):
+        for name in ("num_prompts", "shard_size", "max_model_len", "workers", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config: {name}={getattr(self, name)} must be >= 1")
         if self.offset < 0 or self.topk < 0:
             raise ValueError("config: offset and topk must be >= 0")
+        if not 0 <= self.worker < self.workers:
+            raise ValueError(f"config: worker={self.worker} must be in [0, workers={self.workers}); "
+                             "number workers 0 .. workers-1 (e.g. --set worker=$SLURM_PROCID)")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError(f"config: tensor_parallel_size={self.tensor_parallel_size} needs "
+                             "backend=vllm; the hf backend runs one model per process")
+        if "tensor_parallel_size" in self.engine:
+            raise ValueError("config: engine.tensor_parallel_size: set the top-level "
+                             "tensor_parallel_size instead")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"config: batch_size={self.batch_size} must be >= 1 (or null)")
         if self.max_new_tokens >= self.max_model_len:
@@ -84,9 +95,10 @@ class GenerationConfig:
 
     def fingerprint_fields(self, model_dir: Path) -> dict[str, Any]:
         """What the rows depend on. Not num_prompts/offset (a rerun may extend the set), not
-        output/shard/batch sizes or engine kwargs (layout and speed only)."""
+        output/shard/batch sizes, workers or engine settings (layout and speed only)."""
         d = dataclasses.asdict(self)
-        for key in ("num_prompts", "offset", "output_dir", "shard_size", "batch_size", "engine"):
+        for key in ("num_prompts", "offset", "output_dir", "shard_size", "batch_size", "engine",
+                    "tensor_parallel_size", "workers", "worker"):
             d.pop(key)
         return {**d, "model": str(model_dir), "keep_incorrect": self.keep_all}
 
@@ -198,14 +210,17 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     prompt_ids = build_prompts(cfg, recipe, tokenizer, [r["prompt"] for r in records])
     writer = ShardWriter(cfg.output_dir, cfg.fingerprint_fields(model_dir), _schema(cfg),
-                         shard_size=cfg.shard_size)
+                         shard_size=cfg.shard_size, worker=cfg.worker, workers=cfg.workers)
 
-    # 2. What is left: prompts that fit, minus (id, sample) pairs already on disk.
+    # 2. What is left: this worker's prompts that fit, minus (id, sample) pairs on disk (written
+    #    by any worker, so a rerun with another worker count still skips finished prompts).
     limit = cfg.max_model_len - cfg.max_new_tokens
     counter = YieldCounter(keep_incorrect=cfg.keep_all)
     done = writer.done_keys()
     todo: list[tuple[int, set[int]]] = []
     for i, ids in enumerate(prompt_ids):
+        if i % cfg.workers != cfg.worker:
+            continue
         if len(ids) > limit:
             counter.skipped_too_long += 1
             continue
@@ -215,8 +230,11 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
 
     # 3. Generate batch by batch; every batch lands on disk before the next starts.
     spec = cfg.sampling
+    engine = dict(cfg.engine)
+    if cfg.tensor_parallel_size > 1:
+        engine["tensor_parallel_size"] = cfg.tensor_parallel_size
     backend = make_backend(cfg.backend, str(model_dir), dtype=cfg.dtype,
-                           max_model_len=cfg.max_model_len, **cfg.engine) if todo else None
+                           max_model_len=cfg.max_model_len, **engine) if todo else None
     new_tokens, gen_seconds = 0, 0.0
     bar = tqdm(total=len(todo), desc=f"generate ({cfg.backend})", unit="prompt", disable=not progress)
     try:
@@ -238,21 +256,28 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
         if backend is not None:
             backend.close()
 
-    # 4. Manifest: this run's counters plus totals over everything on disk.
-    rows_on_disk = writer.read_column("correct")
-    dropped_on_disk = len(writer.dropped_keys())
-    generated = len(rows_on_disk) + dropped_on_disk
+    # 4. Manifest: this run's counters (per worker too) plus totals over everything on disk.
+    def totals() -> dict[str, Any]:
+        rows_on_disk = writer.read_column("correct")
+        dropped_on_disk = len(writer.dropped_keys())
+        generated = len(rows_on_disk) + dropped_on_disk
+        return {"completions": generated, "rows": len(rows_on_disk), "dropped": dropped_on_disk,
+                "correct": sum(bool(c) for c in rows_on_disk),
+                "yield": len(rows_on_disk) / generated if generated else None}
+
+    prompts = {"requested": len(prompt_ids), "skipped_too_long": counter.skipped_too_long,
+               "generated_this_run": len(todo)}
+    last_run = {**counter.summary(), "new_tokens": new_tokens, "generate_seconds": round(gen_seconds, 3),
+                "tokens_per_second": round(new_tokens / gen_seconds, 2) if gen_seconds else None}
+    per_worker = {"workers": {str(cfg.worker): {"prompts": prompts, "last_run": last_run}}} \
+        if cfg.workers > 1 else {}
+    from llmkd.data.collate import tokenizer_fingerprint
+
     writer.close(
-        teacher={"name": model_dir.name, "path": str(model_dir), "backend": cfg.backend, "dtype": cfg.dtype},
+        totals=totals, **per_worker,
+        teacher={"name": model_dir.name, "path": str(model_dir), "backend": cfg.backend, "dtype": cfg.dtype,
+                 "tokenizer": tokenizer_fingerprint(tokenizer)},
         sampling=dataclasses.asdict(spec), recipe={"name": recipe.name, "answer_kind": recipe.answer_kind,
                                                    "num_prompts": cfg.num_prompts, "offset": cfg.offset},
-        mode=cfg.mode, chat_template=cfg.chat_template,
-        prompts={"requested": len(prompt_ids), "skipped_too_long": counter.skipped_too_long,
-                 "generated_this_run": len(todo)},
-        last_run={**counter.summary(), "new_tokens": new_tokens, "generate_seconds": round(gen_seconds, 3),
-                  "tokens_per_second": round(new_tokens / gen_seconds, 2) if gen_seconds else None},
-        totals={"completions": generated, "rows": len(rows_on_disk), "dropped": dropped_on_disk,
-                "correct": sum(bool(c) for c in rows_on_disk),
-                "yield": len(rows_on_disk) / generated if generated else None},
-    )
+        mode=cfg.mode, chat_template=cfg.chat_template, prompts=prompts, last_run=last_run)
     return Path(cfg.output_dir)

@@ -1,22 +1,33 @@
-"""Sharded parquet output for teacher generations: crash-safe, resumable, never mixes configs.
+"""Sharded parquet output for teacher generations: crash-safe, resumable, never mixes configs,
+and shared by several workers that split one run's prompts.
 
 Layout of an output directory:
-  shard-00000.parquet, shard-00001.parquet, ...   each written to a temp name, then `os.replace`d
-  manifest.json                                   config + fingerprint, shard list, run metadata
+  shard-00000.parquet, ...        a single writer (workers: 1)
+  shard-w001-00000.parquet, ...   worker 1 of several: each worker numbers its own shards
+  manifest.json                   config + fingerprint, shard list, run metadata (one per dir)
+  .llmkd-lock                     serialises shard renames and manifest updates across workers
 
 The shards are the source of truth (the manifest is rebuilt from them), so a run killed at any
-moment leaves only whole shards plus, at worst, a temp file that the next run deletes. Keys of rows
-that were generated but filtered out (e.g. wrong answers) go into the parquet metadata of the next
-shard, so a rerun skips them too; a batch whose rows were all dropped writes an empty shard. Every shard
-carries the config fingerprint in its parquet metadata: a directory never holds two configs.
+moment leaves only whole shards plus, at worst, a temp file that the next run deletes. Nothing is
+created before the first shard or the final manifest: a run that fails before generating leaves no
+directory behind, and a directory without shards (an older failed run's manifest) never blocks a
+rerun. Keys of rows that were generated but filtered out (e.g. wrong answers) go into the parquet
+metadata of the next shard, so a rerun skips them too; a batch whose rows were all dropped writes
+an empty shard. Every shard carries the config (and its fingerprint) in its parquet metadata: a
+directory never holds two configs, and the error names the fields that differ.
 Top-k ids are stored as int32 and log-probs as float32 (float16 would round log-probs near -10 by
 ~0.01, which is the same order as the tail mass that sparse KD relies on).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +35,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
+LOCK = ".llmkd-lock"
 SHARD_GLOB = "shard-*.parquet"
+SHARD_NAME = re.compile(r"^shard-(?:w(\d+)-)?(\d+)\.parquet$")
 TMP_MARK = ".tmp-"
 if TYPE_CHECKING:
     from datasets import Dataset
 
 FINGERPRINT_KEY = b"llmkd_fingerprint"
+CONFIG_KEY = b"llmkd_config"
 DROPPED_KEY = b"llmkd_dropped"
 
 
@@ -39,73 +53,118 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """'temperature: 0.0 there, 0.7 here; ...' for the fields whose values differ."""
+    new = json.loads(json.dumps(new, default=str))   # compare as stored (JSON)
+    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    return "; ".join(f"{k}: {old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} here" for k in keys)
 
 
 def _shards(out_dir: Path) -> list[Path]:
-    return sorted(p for p in out_dir.glob(SHARD_GLOB) if TMP_MARK not in p.name)
+    return sorted(p for p in out_dir.glob(SHARD_GLOB) if SHARD_NAME.match(p.name))
 
 
 class ShardWriter:
     """Buffer rows and write them as fixed-size parquet shards under `out_dir`.
 
     `config` is what the rows depend on (its fingerprint guards the directory); `key_columns`
-    identify a row so `done_keys()` lets a rerun skip finished work.
+    identify a row so `done_keys()` lets a rerun skip finished work. With `workers` > 1, worker
+    `worker` writes `shard-wNNN-*` files only, so workers on several machines can share one dir.
     """
 
     def __init__(self, out_dir: str | Path, config: dict[str, Any], schema: pa.Schema, *,
-                 shard_size: int = 256, key_columns: tuple[str, ...] = ("id", "sample")) -> None:
+                 shard_size: int = 256, key_columns: tuple[str, ...] = ("id", "sample"),
+                 worker: int = 0, workers: int = 1) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size={shard_size}: must be >= 1")
+        if workers < 1 or not 0 <= worker < workers:
+            raise ValueError(f"worker={worker}, workers={workers}: need workers >= 1 and "
+                             "0 <= worker < workers")
         self.out_dir = Path(out_dir)
         self.config = config
         self.fingerprint = fingerprint(config)
-        self.schema = schema.with_metadata({FINGERPRINT_KEY: self.fingerprint.encode()})
+        self.schema = schema.with_metadata({FINGERPRINT_KEY: self.fingerprint.encode(),
+                                            CONFIG_KEY: json.dumps(config, sort_keys=True, default=str).encode()})
         self.shard_size = shard_size
         self.key_columns = key_columns
+        self.worker, self.workers = worker, workers
+        self.prefix = "shard-" if workers == 1 else f"shard-w{worker:03d}-"
+        self._tag = f"{socket.gethostname()}-{os.getpid()}"    # temp names unique across nodes
         self.metadata: dict[str, Any] = {}
         self._buffer: list[dict[str, Any]] = []
         self._dropped: list[list] = []
-        self._prepare_dir()
-        self._next = 1 + max((int(p.stem.split("-")[1]) for p in _shards(self.out_dir)), default=-1)
-        self.write_manifest()
+        self._known: dict[str, tuple[int, int]] = {}          # shard name -> (rows, dropped keys)
+        self._check_dir()
+        own = [SHARD_NAME.match(p.name) for p in _shards(self.out_dir) if p.name.startswith(self.prefix)]
+        self._next = 1 + max((int(m.group(2)) for m in own if m), default=-1)
 
-    def _prepare_dir(self) -> None:
-        """Create the dir, or check that it belongs to this config; drop leftover temp files."""
+    # -- directory ownership ------------------------------------------------------------------
+    def _check_dir(self) -> None:
+        """Check, without creating anything, that the dir is free or holds this config."""
         d = self.out_dir
         if d.exists() and not d.is_dir():
             raise FileExistsError(f"output_dir {str(d)!r} is a file; choose a directory path")
-        d.mkdir(parents=True, exist_ok=True)
-        for tmp in d.glob(f"*{TMP_MARK}*"):
-            tmp.unlink()  # partial shard/manifest from a killed run: never renamed, so never counted
+        if not d.exists():
+            parent = next(p for p in d.absolute().parents if p.exists())
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise FileExistsError(f"output_dir {str(d)!r} cannot be created ({str(parent)!r} is not "
+                                      "a writable directory); choose a writable output_dir")
+            return
+        # a partial shard of a killed run: never renamed, so never counted. With several workers
+        # each deletes only its own (another worker may be writing one right now).
+        mine = f"*{TMP_MARK}*" if self.workers == 1 else f"{self.prefix}*{TMP_MARK}*"
+        for tmp in d.glob(mine):
+            tmp.unlink(missing_ok=True)
+        shards = _shards(d)
         manifest = d / MANIFEST
         if manifest.exists():
             try:
-                found = json.loads(manifest.read_text()).get("fingerprint")
+                found = json.loads(manifest.read_text())
             except json.JSONDecodeError as err:
                 raise ValueError(f"output_dir {str(d)!r}: {MANIFEST} is not valid JSON ({err}); "
                                  "it is not an llmkd generation dir: choose another output_dir") from err
-            self._check_fingerprint(found, manifest)
-            self.metadata = json.loads(manifest.read_text()).get("metadata", {})  # keep until replaced
-        elif any(d.iterdir()):
+            if shards:   # a manifest without shards (a run that failed early) never blocks
+                self._check_fingerprint(found.get("fingerprint"), found.get("config"), manifest)
+                self.metadata = found.get("metadata", {})
+        elif not shards and any(p.name != LOCK and TMP_MARK not in p.name for p in d.iterdir()):
             raise FileExistsError(f"output_dir {str(d)!r} is not empty and has no {MANIFEST}; "
                                   "refusing to write into it: choose an empty or new output_dir")
-        for shard in _shards(d):
+        self._check_shards(shards)
+
+    def _check_shards(self, shards: list[Path]) -> None:
+        for shard in shards:
+            if shard.name in self._known:
+                continue
             meta = pq.read_schema(shard).metadata or {}
-            self._check_fingerprint(meta.get(FINGERPRINT_KEY, b"?").decode(), shard)
+            config = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
+            self._check_fingerprint(meta.get(FINGERPRINT_KEY, b"?").decode(), config, shard)
+            self._known[shard.name] = (pq.read_metadata(shard).num_rows,
+                                       len(json.loads(meta.get(DROPPED_KEY, b"[]"))))
 
-    def _check_fingerprint(self, found: str | None, where: Path) -> None:
-        if found != self.fingerprint:
-            raise ValueError(
-                f"output_dir {str(self.out_dir)!r} holds generations of a different config "
-                f"({where.name}: fingerprint {found}, this config: {self.fingerprint}); two configs "
-                "are never mixed in one dir: use another output_dir, or delete the old one")
+    def _check_fingerprint(self, found: str | None, config: dict | None, where: Path) -> None:
+        if found == self.fingerprint:
+            return
+        what = config_diff(config, self.config) if isinstance(config, dict) else \
+            f"fingerprint {found}, this config: {self.fingerprint}"
+        raise ValueError(
+            f"output_dir {str(self.out_dir)!r} holds generations of a different config "
+            f"({where.name}: {what}); two configs are never mixed in one dir: use another "
+            "output_dir, or delete the old one")
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive across processes (and nodes, on file systems with flock support)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- reading what is on disk ---------------------------------------------------------------
     def done_keys(self) -> set[tuple]:
-        """Keys of rows already on disk, written or dropped (resume skips them)."""
+        """Keys of rows already on disk, written or dropped, by any worker (resume skips them)."""
         keys = set(self.dropped_keys())
         for shard in _shards(self.out_dir):
             table = pq.read_table(shard, columns=list(self.key_columns))
@@ -125,6 +184,7 @@ class ShardWriter:
         return [v for shard in _shards(self.out_dir)
                 for v in pq.read_table(shard, columns=[name]).column(name).to_pylist()]
 
+    # -- writing ----------------------------------------------------------------------------------
     def add(self, rows: list[dict[str, Any]], dropped: list[tuple] = ()) -> None:
         """Buffer `rows`; `dropped` = keys generated but filtered out (recorded, not written)."""
         self._dropped.extend(list(k) for k in dropped)
@@ -140,28 +200,71 @@ class ShardWriter:
             self._buffer = []
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        path = self.out_dir / f"shard-{self._next:05d}.parquet"
-        tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+        path = self.out_dir / f"{self.prefix}{self._next:05d}.parquet"
+        tmp = path.with_name(f"{path.name}{TMP_MARK}{self._tag}")
         schema = self.schema.with_metadata({**self.schema.metadata,
                                             DROPPED_KEY: json.dumps(self._dropped).encode()})
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd")
-        os.replace(tmp, path)
+        with self._locked():
+            try:   # another process may have started writing a different config meanwhile
+                self._check_shards(_shards(self.out_dir))
+            except ValueError:
+                tmp.unlink()
+                raise
+            os.replace(tmp, path)
+            self._write_manifest_locked()
         self._dropped = []
         self._next += 1
-        self.write_manifest()
 
     def write_manifest(self, **metadata: Any) -> None:
         """Rewrite manifest.json from the shards on disk, merging in run `metadata`."""
-        self.metadata.update(metadata)
-        shards = [{"file": p.name, "rows": pq.read_metadata(p).num_rows} for p in _shards(self.out_dir)]
-        manifest = {"fingerprint": self.fingerprint, "config": self.config, "shards": shards,
-                    "rows": sum(s["rows"] for s in shards), "dropped": len(self.dropped_keys()),
-                    "metadata": self.metadata}
-        _atomic_write_text(self.out_dir / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        _merge(self.metadata, metadata)
+        with self._locked():
+            self._write_manifest_locked()
 
-    def close(self, **metadata: Any) -> None:
+    def _write_manifest_locked(self, totals: Callable[[], dict] | None = None) -> None:
+        path = self.out_dir / MANIFEST
+        for stale in self.out_dir.glob(f"{MANIFEST}{TMP_MARK}*"):   # nobody else holds the lock
+            stale.unlink(missing_ok=True)
+        shards = _shards(self.out_dir)
+        self._check_shards(shards)
+        metadata: dict[str, Any] = {}
+        if path.exists():   # what other workers recorded (same config: checked above)
+            try:
+                old = json.loads(path.read_text())
+                if old.get("fingerprint") == self.fingerprint:
+                    metadata = old.get("metadata", {})
+            except json.JSONDecodeError:
+                pass
+        _merge(metadata, self.metadata)
+        if totals is not None:
+            metadata["totals"] = totals()
+        manifest = {"fingerprint": self.fingerprint, "config": self.config,
+                    "shards": [{"file": p.name, "rows": self._known[p.name][0]} for p in shards],
+                    "rows": sum(self._known[p.name][0] for p in shards),
+                    "dropped": sum(self._known[p.name][1] for p in shards), "metadata": metadata}
+        tmp = path.with_name(f"{MANIFEST}{TMP_MARK}{self._tag}")
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+        os.replace(tmp, path)
+
+    def close(self, totals: Callable[[], dict] | None = None, **metadata: Any) -> None:
+        """Flush, then write the manifest with `metadata`; `totals()` (counts over everything on
+        disk) is evaluated under the lock, after every shard another worker has finished."""
         self.flush()
-        self.write_manifest(**metadata)
+        _merge(self.metadata, metadata)
+        with self._locked():
+            self._write_manifest_locked(totals)
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update: per-worker entries of several workers accumulate."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
@@ -173,10 +276,8 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any]:
 
 
 def load_generated(out_dir: str | Path) -> Dataset:
-    """All rows of a generation dir as one `datasets.Dataset` (shard order = write order)."""
+    """All rows of a generation dir as one `datasets.Dataset` (shard order = name order)."""
     from datasets import load_dataset
-
-    import pyarrow.parquet as pq
 
     read_manifest(out_dir)
     # a shard can be empty (every row of a batch filtered out; it still records the skipped
