@@ -9,7 +9,9 @@ Answer kinds (a recipe's `answer_kind`):
 
 Extraction looks, in order, at the last ``\\boxed{...}``, the last ``####``, the last "answer
 is"/"answer:" marker, and only then at the whole text (last number for ``numeric``), so that a
-model that states its answer and keeps talking is scored on what it stated.
+model that states its answer and keeps talking is scored on what it stated. Numeric answers are
+credited only as a grader would: an unevaluated expression ("4 + 8 + 4") or a compound quantity
+("7 hours 30 minutes") is not a number; "−7" (Unicode minus), "1e3" and "3 1/2" (= 7/2) are.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import math
 import re
 import threading
 import time
+from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,21 @@ from typing import Any
 KINDS = ("numeric", "choice", "yesno", "exact")
 
 _MARKER = re.compile(r"(?:answer\s*(?:is|was|would be|:)|####)\s*:?", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+# a mixed number "3 1/2" (whole part, then a proper fraction), else a plain number: 1,234.5, 1e3, 3/4
+_NUMBER = re.compile(r"(?<![\d.,/])-?\d+ +\d+ */ *\d+(?![\d/])"
+                     r"|-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+_MIXED = re.compile(r"(-?)(\d+) +(\d+) */ *(\d+)")
+_MINUS = str.maketrans({"\u2212": "-", "\u2013": "-", "\ufe63": "-", "\uff0d": "-"})
+# an operand of an arithmetic operator: the number is part of an unevaluated expression
+_OPERATOR = r"(?:[-+*/×·^]|\\times|\\cdot)"
+_OPERAND_BEFORE = re.compile(rf"[\d)]\s*{_OPERATOR}\s*$")
+_OPERAND_AFTER = re.compile(rf"\s*{_OPERATOR}\s*[(\d]")
+# "7 hours 30 minutes": the last number is only part of a quantity in mixed units
+_UNIT = (r"(?:years?|months?|weeks?|days?|hours?|hrs?|minutes?|mins?|seconds?|secs?|miles?|"
+         r"yards?|yds?|feet|foot|ft|inch(?:es)?|(?:kilo|centi|milli)?met(?:er|re)s?|km|cm|mm|"
+         r"pounds?|lbs?|ounces?|oz|(?:kilo)?grams?|kg|dollars?|cents?|gallons?|quarts?|pints?|"
+         r"cups?|(?:milli)?lit(?:er|re)s?|ml)")
+_COMPOUND_BEFORE = re.compile(rf"\d\s*{_UNIT}\b\.?\s*(?:,\s*|and\s+)?$", re.IGNORECASE)
 _YES = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
 _YESNO_WORD = re.compile(r"\b(yes|no|true|false)\b", re.IGNORECASE)
 _LABEL = r"[A-Z]|[1-9]"
@@ -82,20 +99,60 @@ def _mv_parse(text: str) -> list:
         return []
 
 
+def _rewritten(number: str) -> str | None:
+    """A mixed number as a fraction ("3 1/2" -> "7/2"), scientific notation as a decimal ("1e3"
+    -> "1000"); None for other numbers. math-verify misreads both ("3 1/2" as 3 * 1/2, "1e3" as 1)."""
+    number = number.replace(",", "")
+    if m := _MIXED.fullmatch(number):
+        value = int(m[2]) + Fraction(int(m[3]), int(m[4]))
+        return str(-value if m[1] else value)
+    if "e" in number.lower():
+        return format(Decimal(number).normalize(), "f")
+    return None
+
+
+def _stated_number(segment: str) -> tuple[str | None, bool]:
+    """(the segment's last plain number, whether a grader would accept it as the answer).
+
+    Not accepted: an operand of an unevaluated expression ("4 + 8 + 4" states no value, and its
+    last 4 is not one) or part of a mixed-unit quantity ("7 hours 30 minutes" is not 30).
+    """
+    matches = list(_NUMBER.finditer(segment))
+    if not matches:
+        return None, True
+    m = matches[-1]
+    start, number = m.start(), m.group()
+    if mixed := _MIXED.fullmatch(number):
+        if not 0 < int(mixed[3]) < int(mixed[4]):   # "10 12/5" is 10, then 12/5: not mixed
+            fraction = re.search(r"\d+ */ *\d+$", number)
+            start, number = start + fraction.start(), fraction.group()
+    before, after = segment[:start], segment[m.end():]
+    operand = (_OPERAND_BEFORE.search(before) or _OPERAND_AFTER.match(after)
+               or (number.startswith("-") and re.search(r"[\d)]\s*$", before)))
+    if operand or _COMPOUND_BEFORE.search(before):
+        return None, False
+    return number, True
+
+
 def _numeric_from(segment: str) -> str | None:
     """A value from a short segment: math-verify first, then the last plain number.
 
     An unevaluated expression ("4 + 8 + 4", often the question restated) is not an answer:
-    math-verify would evaluate it and credit the model with arithmetic it never did. What
-    follows the last "=" is the stated value ("4 + 8 = 12" states 12).
+    math-verify would evaluate it and credit the model with arithmetic it never did, and its
+    last number is not the answer either. What follows the last "=" is the stated value
+    ("4 + 8 = 12" states 12).
     """
     if "=" in segment:
         segment = segment.rsplit("=", 1)[1]
+    number, accepted = _stated_number(segment)
+    if not accepted:
+        return None
+    if number is not None and (rewritten := _rewritten(number)) is not None:
+        return rewritten
     parsed = _mv_parse(segment if "$" in segment or "\\" not in segment else f"${segment}$")
     if len(parsed) >= 2 and (value := str(parsed[1]).strip()) and not _EXPRESSION.search(value):
         return value
-    numbers = _NUMBER.findall(segment)
-    return numbers[-1].replace(",", "").replace(" ", "") if numbers else None
+    return None if number is None else number.replace(",", "").replace(" ", "")
 
 
 def extract_answer(text: str | None, kind: str = "numeric") -> str | None:
@@ -108,6 +165,8 @@ def extract_answer(text: str | None, kind: str = "numeric") -> str | None:
         raise ValueError(f"answer kind {kind!r} is unknown; use one of {KINDS}")
     if not text or not text.strip():
         return None
+    if kind == "numeric":
+        text = text.translate(_MINUS)   # "−7" (U+2212) is -7, not 7
     boxed = _last_boxed(text)
     marked = boxed if boxed is not None else _after_last_marker(text)
     if kind == "numeric":
@@ -155,6 +214,7 @@ def _as_fraction(text: str) -> Fraction | None:
 def _numeric_equal(pred: str, gold: str) -> bool:
     from math_verify import verify
 
+    pred, gold = pred.translate(_MINUS), gold.translate(_MINUS)
     gold_parsed, pred_parsed = _mv_parse(f"\\boxed{{{gold}}}"), _mv_parse(f"\\boxed{{{pred}}}")
     if gold_parsed and pred_parsed:
         try:
