@@ -1,7 +1,7 @@
 """The chunked KD loss equals full-logits KD on every model family's real head (tiny random models
 built from configs, no hub): tied Llama, Qwen2, Phi (lm_head bias), Gemma 2 (final-logit
-soft-capping), Granite (logits / logits_scaling), Cohere (logits * logit_scale); a LoRA adapter on
-lm_head falls back to the model's own full logits."""
+soft-capping), Granite (logits / logits_scaling), Cohere (logits * logit_scale), Gemma 3, HyperCLOVA X
+(logits * logits_scaling); a LoRA adapter on lm_head falls back to the model's own full logits."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +14,8 @@ import transformers
 
 from llmkd.losses import divergence
 from llmkd.models import head as head_module
-from llmkd.models.head import LMHead, chunked_divergence_heads, forward_head, lm_head_of, run_head, verify_head
+from llmkd.models.head import (LMHead, chunked_divergence_heads, forward_head, lm_head_of, run_head,
+                              verify_head)
 
 VOCAB = 300
 COMMON = dict(vocab_size=VOCAB, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=64,
@@ -28,6 +29,10 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(final_logit_softcapping=2.0)),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=4.0)),
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.25)),
+    # beyond the issue's list: Gemma 3's text model, and HyperCLOVA X, which multiplies by the
+    # `logits_scaling` that Granite divides by
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(final_logit_softcapping=2.0)),
+    "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", dict(logits_scaling=4.0)),
 }
 KINDS = [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.5), ("tvd", 0.5), ("skew_fkl", 0.5), ("skew_rkl", 0.5)]
 
@@ -91,8 +96,8 @@ def test_lm_head_of_reads_the_family_head(family):
     student, teacher = pair(family)
     head = lm_head_of(student)
     assert head is not None and head.weight is student.get_output_embeddings().weight
-    expected = {"phi": (1.0, None), "gemma2": (1.0, 2.0), "granite": (0.25, None),
-                "cohere": (0.25, None)}.get(family, (1.0, None))
+    expected = {"gemma2": (1.0, 2.0), "gemma3": (1.0, 2.0), "granite": (0.25, None),
+                "cohere": (0.25, None), "hyperclovax": (4.0, None)}.get(family, (1.0, None))
     assert (head.scale, head.softcap) == expected
     assert (head.bias is not None) == (family == "phi")
     if family == "llama_tied":
@@ -116,7 +121,7 @@ def test_chunked_kd_equals_full_logits_kd(family, kind, beta):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", ["phi", "gemma2", "granite", "cohere"])
+@pytest.mark.parametrize("family", ["phi", "gemma2", "granite", "cohere", "hyperclovax"])
 def test_plain_head_would_be_wrong(family):
     """The head pieces matter: logits = hidden @ W.T alone (the old chunked path) is another loss,
     and verify_head notices a head that misses them."""
@@ -127,8 +132,8 @@ def test_plain_head_would_be_wrong(family):
     plain_s, plain_t = LMHead(s.head.weight), LMHead(t.head.weight)
     mask = batch["labels"][:, 1:] != -100
     with torch.no_grad():
-        right = chunked_divergence_heads(s.hidden[:, :-1], s.head, t.hidden[:, :-1], t.head, "fkl", mask=mask)
-        wrong = chunked_divergence_heads(s.hidden[:, :-1], plain_s, t.hidden[:, :-1], plain_t, "fkl", mask=mask)
+        right = chunked_divergence_heads(s.hidden[:, :-1], s.head, t.hidden[:, :-1], t.head, mask=mask)
+        wrong = chunked_divergence_heads(s.hidden[:, :-1], plain_s, t.hidden[:, :-1], plain_t, mask=mask)
     assert abs(float(right) - float(wrong)) > 0.01 * float(right)
     assert not verify_head(student, plain_s, batch)
 

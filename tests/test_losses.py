@@ -393,8 +393,9 @@ def test_chunked_bias_scale_softcap_equals_dense(kind, beta, lam, temperature, h
 
 def test_chunked_softcap_float32():
     inputs, mask = chunked_case(bias=True, seed=82)
-    zs = transformed_logits(inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"], 0.5, 1.5)
-    zt = transformed_logits(inputs["teacher_hidden"], inputs["teacher_weight"], inputs["teacher_bias"], 2.0, 3.0)
+    h_s, w_s, b_s = (inputs[f"student_{k}"] for k in ("hidden", "weight", "bias"))
+    h_t, w_t, b_t = (inputs[f"teacher_{k}"] for k in ("hidden", "weight", "bias"))
+    zs, zt = transformed_logits(h_s, w_s, b_s, 0.5, 1.5), transformed_logits(h_t, w_t, b_t, 2.0, 3.0)
     want = divergence(zs, zt, "jsd", mask=mask)
     g_want = student_grads(want, inputs)
     low = {k: v.detach().float().requires_grad_(v.requires_grad) for k, v in inputs.items()}

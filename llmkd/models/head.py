@@ -89,7 +89,7 @@ def lm_head_of(model: torch.nn.Module) -> LMHead | None:
     scale = 1.0
     for attr, families in _SCALES.items():
         value = getattr(config, attr, None)
-        if value is None:
+        if value is None or value == 1:   # 1 is no scaling, whichever way a family applies it
             continue
         exponent = next((e for prefix, e in families.items() if model_type.startswith(prefix)), None)
         if exponent is None or not isinstance(value, (int, float)) or not value > 0:
