@@ -61,7 +61,9 @@ def run_quickstart(config: str | Path | None, out: str | Path, overrides: list[s
     t = _stage("generate", timings, t)
 
     dcfg = copy.deepcopy(q["distill"])
-    dcfg.setdefault("data", {}).update(path=str(out / "generate"), num_train=n_train, num_eval=n_eval)
+    # allow_fewer: prompts the teacher could not answer within max_model_len are skipped
+    dcfg.setdefault("data", {}).update(path=str(out / "generate"), num_train=n_train, num_eval=n_eval,
+                                       allow_fewer=True)
     dcfg.update(output_dir=str(out / "student"), overwrite_output_dir=True, report_to="none")
     trainer = build_trainer(config_from_dict(dcfg))
     trainer.model.save_pretrained(out / "student-before")

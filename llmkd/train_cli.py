@@ -2,12 +2,37 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
 from typing import Any
+
+DISTILL_HELP = """\
+Train a student to match a teacher as the YAML CONFIG says (examples: configs/distill/*.yaml).
+The whole config is checked before any model loads; a mistake gives one line and exit code 2.
+
+resume, interrupt, overwrite:
+  Ctrl-C or SIGTERM   the current step finishes, OUTPUT_DIR/checkpoint-N is saved, one line gives
+                      the resume command; exit 130 (SIGTERM: 143). A second Ctrl-C stops at once.
+  --set resume_from_checkpoint=true
+                      continue from the newest complete checkpoint in output_dir (or =PATH for a
+                      given checkpoint-N). Checkpoints are written to output_dir/.staging and
+                      renamed when complete, so a killed save never leaves one that breaks resume.
+  --set overwrite_output_dir=true
+                      start over in a non-empty output_dir; its old checkpoint-* dirs are deleted.
+  Without either, a non-empty output_dir is refused and nothing is written.
+"""
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("distill", help="distil a teacher into a student from a YAML config")
-    p.add_argument("config")
+    from llmkd.config import config_help
+
+    p = sub.add_parser("distill", help="distil a teacher into a student from a YAML config",
+                       description=DISTILL_HELP, epilog=config_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", metavar="CONFIG", help="distillation YAML, e.g. configs/distill/token_kd.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set method.beta=0.5 (repeatable)")
     p.set_defaults(func=cmd_distill)
@@ -27,11 +52,23 @@ def register(sub: Any) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from llmkd.config import load_config
-    from llmkd.pipeline import build_trainer
 
-    cfg = load_config(args.config, args.overrides)
-    trainer = build_trainer(cfg)
-    trainer.train()
+    cfg = load_config(args.config, args.overrides)   # every user error is raised here, nothing written
+    out = Path(cfg.output_dir)
+    created = not out.exists()
+    try:
+        from llmkd.pipeline import build_trainer
+
+        trainer = build_trainer(cfg)
+        trainer.train()
+    except KeyboardInterrupt as err:   # the trainer saved a checkpoint first (unless told twice)
+        _remove_if_nothing_to_resume(out, created)
+        if _is_main_process():
+            print(f"llmkd distill: {_interrupted(err, args, out)}", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
+    except (ValueError, OSError):      # a user error found while loading: leave nothing behind
+        _remove_if_nothing_to_resume(out, created)
+        raise
     trainer.save_model(cfg.output_dir)
     trainer.save_state()
     metrics = trainer.evaluate()
@@ -40,6 +77,32 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     _shutdown_distributed()
     return 0
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _remove_if_nothing_to_resume(out: Path, created: bool) -> None:
+    """A run that created output_dir and failed before its first checkpoint removes it again."""
+    from llmkd.checkpoint import find_checkpoint
+
+    if created and out.is_dir() and _is_main_process() and find_checkpoint(out)[0] is None:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _interrupted(err: KeyboardInterrupt, args: argparse.Namespace, out: Path) -> str:
+    """One line: what happened, and the exact command that continues the run."""
+    from llmkd.checkpoint import find_checkpoint
+
+    what = " ".join(str(err).split()) or "interrupted before training started"
+    if find_checkpoint(out)[0] is None:
+        return f"{what}; nothing to resume in {out}"
+    keep = [o for o in args.overrides
+            if o.partition("=")[0].strip() not in ("resume_from_checkpoint", "overwrite_output_dir")]
+    cmd = ["llmkd", "distill", args.config, *[x for o in keep for x in ("--set", o)],
+           "--set", "resume_from_checkpoint=true"]
+    return f"{what}; resume: {shlex.join(cmd)}"
 
 
 def _shutdown_distributed() -> None:

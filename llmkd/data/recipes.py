@@ -3,19 +3,23 @@
 A recipe turns any source (reasoning_gym task, local json/jsonl/parquet, hub dataset id) into a
 `datasets.Dataset` with the columns every later stage relies on:
 `id` (stable string), `prompt` (the user message), `answer` (gold answer string).
+`datasets` is imported only when rows load: the config validation reads recipes without it.
 """
 from __future__ import annotations
 
 import difflib
 import hashlib
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
-from datasets import Dataset, load_dataset
 
 from llmkd.eval.reasoning import KINDS as ANSWER_KINDS
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "data_recipes"
 SOURCES = ("reasoning_gym", "local", "hub")
@@ -82,6 +86,8 @@ class Recipe:
 
     # -- loading -----------------------------------------------------------------------------
     def _rows(self, size: int | None, seed: int) -> Dataset:
+        from datasets import Dataset, load_dataset
+
         if self.path:   # a local override wins over any source (how hub recipes are tested)
             return _load_local(self.path, self.split)
         if self.source == "reasoning_gym":
@@ -117,6 +123,18 @@ class Recipe:
 
         return raw.map(fmt, with_indices=True, desc=f"recipe {self.name}")
 
+    def load_split(self, num_train: int, num_eval: int, *, seed: int = 0,
+                   allow_fewer: bool = False) -> tuple[Dataset, Dataset]:
+        """Training rows [0, n_train) and the held-out rows after them. A file or hub dataset
+        with fewer rows than asked fails, saying what exists (see `plan_split`)."""
+        available = num_train + num_eval
+        if self.path or self.source != "reasoning_gym":     # reasoning_gym generates any number
+            available = len(self._rows(None, seed))
+        source = f"recipe {self.name}" + (f" (data.path={self.path!r})" if self.path else "")
+        n_train, n_eval = plan_split(available, num_train, num_eval, allow_fewer=allow_fewer,
+                                     source=source, unit="rows")
+        return self.load(n_train, seed=seed), self.load(n_eval, seed=seed, offset=n_train)
+
     def gold_response(self, answer: str) -> str:
         return self.response_template.format(answer=answer)
 
@@ -127,7 +145,29 @@ def _template_keys(template: str) -> set[str]:
     return {f for _, f, _, _ in string.Formatter().parse(template) if f}
 
 
+def plan_split(available: int, num_train: int, num_eval: int, *, allow_fewer: bool, source: str,
+               unit: str = "rows") -> tuple[int, int]:
+    """(train, held-out) sizes from `available` rows or prompts: as asked when they exist.
+    Otherwise fail, saying what exists and what was asked, unless data.allow_fewer: then hold
+    out a fifth (at most num_eval, at least 1) and train on the rest (at most num_train)."""
+    if available >= num_train + num_eval:
+        return num_train, num_eval
+    n_eval = min(num_eval, max(1, available // 5))
+    n_train = min(num_train, available - n_eval)
+    if not allow_fewer or n_train < 1:
+        fewer = (f", or set data.allow_fewer=true to train on {n_train} and hold out {n_eval}"
+                 if n_train >= 1 else "")
+        raise ValueError(f"data: {source} has {available} {unit} but data.num_train={num_train} + "
+                         f"data.num_eval={num_eval} = {num_train + num_eval} were asked; lower "
+                         f"data.num_train / data.num_eval{fewer}")
+    print(f"llmkd: data.allow_fewer: {source} has {available} {unit}; training on {n_train} and "
+          f"holding out {n_eval} (asked {num_train} + {num_eval})", file=sys.stderr)
+    return n_train, n_eval
+
+
 def _load_local(path: str, split: str) -> Dataset:
+    from datasets import load_dataset
+
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"data path {str(p)!r} does not exist; point `path` at a json/jsonl/"

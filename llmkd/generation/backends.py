@@ -72,15 +72,11 @@ def prompt_seed(seed: int, prompt: list[int]) -> int:
 
 
 def check_model_dir(model_path: str) -> str:
-    """The one check that a path is a local model dir, before any engine or weights load."""
-    p = Path(model_path).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"model directory {str(p)!r} does not exist; give a local model dir "
-                                "(config.json + safetensors) or model: embedded")
-    if not (p / "config.json").exists():
-        raise FileNotFoundError(f"{str(p)!r} is not a model directory (no config.json); give a local "
-                                "dir with config.json + safetensors, or model: embedded")
-    return str(p)
+    """The one check that a path is a usable local model dir (config, complete safetensors,
+    a tokenizer that fits), before any engine or weights load."""
+    from llmkd.preflight import check_model_dir as check
+
+    return check(model_path)
 
 
 def _has_cuda() -> bool:

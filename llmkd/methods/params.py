@@ -1,0 +1,82 @@
+"""Method parameters, apart from the methods: this module imports no model library, so a config
+(and `llmkd distill --help`) is validated in a fraction of a second, before torch loads.
+
+Each method module uses its Params from here (`Params = TokenKDParams`); `llmkd.methods.get_params`
+finds them by method name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmkd.methods.base import MethodParams
+from llmkd.sampling import SAMPLERS
+from llmkd.validation import check_divergence
+
+LABEL, RATIONALE = 0, 1     # rationale method: the two tasks of Distilling Step-by-Step
+
+
+@dataclass
+class TokenKDParams(MethodParams):
+    kind: str = "fkl"               # fkl | rkl | jsd | tvd | skew_fkl | skew_rkl
+    beta: float = 0.5               # jsd: 0 = forward KL, 1 = reverse KL (TRL GKD convention)
+    lam: float = 0.1                # skew_fkl / skew_rkl mixing weight
+    temperature: float = 1.0
+    lmbda: float = 0.0              # probability that a batch's responses are student samples
+    seq_kd: bool = False            # otherwise, responses are teacher samples (sequence-level KD)
+    ce_weight: float = 0.0          # + ce_weight * cross-entropy on the batch's labels
+    max_new_tokens: int = 64        # on-policy / seq-KD sampling
+    gen_temperature: float = 1.0
+    top_p: float = 1.0
+    chunk_size: int = 1024          # >0: lm_head applied chunk by chunk inside the loss; 0: full logits
+    sampler: str = "hf"             # on-policy / seq-KD sampling backend: hf | vllm
+
+    def __post_init__(self) -> None:
+        check_divergence(self.kind, self.beta, self.lam, self.temperature, where="method.")
+        for name in ("lmbda",):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"method.{name}={getattr(self, name)} is outside [0, 1]")
+        if self.ce_weight < 0:
+            raise ValueError(f"method.ce_weight={self.ce_weight} must be >= 0")
+        if self.max_new_tokens < 1 or self.chunk_size < 0:
+            raise ValueError("method.max_new_tokens must be >= 1 and method.chunk_size >= 0")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"method.sampler={self.sampler!r} is unknown; use one of {SAMPLERS}")
+        if not (self.gen_temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"method.gen_temperature={self.gen_temperature} must be > 0 and "
+                             f"method.top_p={self.top_p} in (0, 1]")
+
+
+@dataclass
+class RationaleParams(MethodParams):
+    alpha: float = 0.5                                  # weight of the label task; 1 - alpha: rationale
+    label_prefix: str = "[label] "
+    rationale_prefix: str = "[rationale] "
+    answer_template: str = "The answer is {answer}."
+    rationale_template: str = "{rationale} So the answer is {answer}."
+    keep_incorrect: bool = False                        # also train on rationales with a wrong answer
+    kd_weight: float = 0.0                              # + kd_weight * KD on rationale rows (live teacher)
+    kind: str = "fkl"                                   # divergence of that KD (see llmkd.losses)
+    beta: float = 0.5
+    lam: float = 0.1
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_divergence(self.kind, self.beta, self.lam, self.temperature, where="method.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"method.alpha={self.alpha} is outside [0, 1]; 0.5 weighs both tasks equally")
+        if self.kd_weight < 0:
+            raise ValueError(f"method.kd_weight={self.kd_weight} must be >= 0")
+        if self.label_prefix == self.rationale_prefix:
+            raise ValueError(f"method.label_prefix and method.rationale_prefix are both "
+                             f"{self.label_prefix!r}; the student tells the tasks apart by them")
+        if "{answer}" not in self.answer_template:
+            raise ValueError(f"method.answer_template={self.answer_template!r} lacks '{{answer}}'")
+        if "{rationale}" not in self.rationale_template or "{answer}" not in self.rationale_template:
+            raise ValueError(f"method.rationale_template={self.rationale_template!r} needs both "
+                             "'{rationale}' and '{answer}'")
+
+    @property
+    def tasks(self) -> tuple[int, ...]:
+        """Tasks with a non-zero weight: rows of a zero-weight task would only cost compute."""
+        return tuple(t for t, on in ((LABEL, self.alpha > 0),
+                                     (RATIONALE, self.alpha < 1 or self.kd_weight > 0)) if on)
