@@ -45,7 +45,6 @@ class ModelSpec:
     teacher_dtype: str = "float32"
     student_dtype: str = "float32"
     lora: dict | None = None           # peft LoraConfig fields -> train a LoRA adapter
-    gradient_checkpointing_teacher: bool = False
 
 
 @dataclass
