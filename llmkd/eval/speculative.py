@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from llmkd.eval.reasoning import _write_atomic
+from llmkd.fsutil import atomic_write_text
 from llmkd.sampling import cut_at_eos
 
 
@@ -325,6 +325,6 @@ def evaluate_speculative(target_path: str, draft_path: str, recipe: Any, *, gamm
                              "new_tokens": r["new_tokens"], "target_calls": r["target_calls"],
                              "draft_calls": r["draft_calls"]}, ensure_ascii=False)
                  for row, text, r in zip(rows, responses, m["rows"])]
-        _write_atomic(out / "predictions.jsonl", "\n".join(lines) + "\n")
-        _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
