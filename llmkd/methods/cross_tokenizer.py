@@ -1,0 +1,464 @@
+"""Cross-tokenizer distillation: a teacher and a student with different tokenizers.
+
+Each response text is tokenised by both tokenizers and cut into the shortest chunks whose
+characters coincide (`llmkd.alignment`), once per example when the features are built. The
+teacher reads its own tokens (its own chat template on the same prompt); the loss compares the
+two models chunk by chunk:
+
+- `alm` (approximate likelihood matching, Minixhofer et al. 2025): per chunk, the summed
+  log-likelihood of the chunk's tokens under teacher and student, binarised cross-entropy with
+  temperature `tau` (`llmkd.losses.alm_loss`). Both are likelihoods of the same characters.
+- `uld` (universal logit distillation, Boizard et al. 2024): at the position predicting each
+  chunk's first token (both models have read the same text there), the sorted-probability L1
+  between their next-token distributions (`llmkd.losses.uld_loss`).
+- `none`: no teacher term; with `ce_weight > 0` this is the SFT baseline on the student's tokens.
+
+`ce_weight` adds the student's negative log-likelihood of its own tokens. Every term is summed
+per chunk and divided by the chunk count of the accumulated batch (`count_items`), so gradient
+accumulation equals one big batch; the CE term is therefore the mean chunk NLL.
+
+Memory: the student's token log-likelihoods are computed from its hidden states `chunk_size`
+positions at a time (each chunk's logits recomputed in backward), the teacher's likewise without
+a graph; ULD needs only one row per chunk. With a head the chunked path cannot apply, each model
+builds its own full logits once.
+
+Also here: tokenizer transfer (the ALM paper's main use): `train_tokenizer` trains a new
+byte-level BPE tokenizer and `transfer_student` gives a teacher's layers that tokenizer, each new
+embedding the mean of the teacher embeddings of the token's pieces.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from llmkd.alignment import AlignedText, ChunkAligner, offsets_backend
+from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets, as_mean, output_rows, pad_id
+from llmkd.sampling import SAMPLERS, SamplingSpec
+
+if TYPE_CHECKING:   # torch loads lazily: configs validate these Params without it
+    import torch
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+    from llmkd.models.head import LMHead
+
+LOSSES = ("alm", "uld", "none")
+
+
+@dataclass
+class CrossTokenizerParams(MethodParams):
+    loss: str = "alm"               # alm | uld | none (none + ce_weight: SFT baseline)
+    tau: float = 1.0                # ALM: a = exp(l_T / tau), b = exp(l_S / tau)
+    temperature: float = 1.0        # ULD: both distributions at this temperature
+    ce_weight: float = 0.0          # + ce_weight * the student's NLL of its own tokens (per chunk)
+    lmbda: float = 0.0              # probability that a batch's responses are student samples
+    max_new_tokens: int = 64        # on-policy sampling
+    gen_temperature: float = 1.0
+    top_p: float = 1.0
+    chunk_size: int = 1024          # >0: lm_heads applied this many positions at a time; 0: full logits
+    sampler: str = "hf"             # on-policy sampling backend: hf | vllm
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"method.loss={self.loss!r} is unknown; use one of {', '.join(LOSSES)}")
+        for name in ("tau", "temperature", "gen_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"method.{name}={getattr(self, name)} must be > 0")
+        if self.ce_weight < 0:
+            raise ValueError(f"method.ce_weight={self.ce_weight} must be >= 0")
+        if self.loss == "none" and self.ce_weight == 0:
+            raise ValueError("method.loss=none trains on nothing unless method.ce_weight > 0 "
+                             "(the SFT baseline: loss none, ce_weight 1)")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"method.lmbda={self.lmbda} is outside [0, 1]")
+        if self.max_new_tokens < 1 or self.chunk_size < 0:
+            raise ValueError("method.max_new_tokens must be >= 1 and method.chunk_size >= 0")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"method.sampler={self.sampler!r} is unknown; use one of {SAMPLERS}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"method.top_p={self.top_p} must be in (0, 1]")
+
+
+class CrossTokenizer(Method):
+    name = "cross_tokenizer"
+    Params = CrossTokenizerParams
+
+    def __init__(self, params: CrossTokenizerParams) -> None:
+        super().__init__(params)
+        self.max_length: int | None = None     # from `features`; bounds re-tokenised samples too
+        self._aligner: ChunkAligner | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def setup(self, student_tokenizer: PreTrainedTokenizerBase,
+              teacher_tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        if teacher_tokenizer is None:
+            raise ValueError("method cross_tokenizer needs the teacher's own tokenizer: a live "
+                             "teacher (model.teacher and model.teacher_mode=live)")
+        super().setup(student_tokenizer, teacher_tokenizer)
+        self._aligner = ChunkAligner(self.student_tokenizer, self.teacher_tokenizer)
+
+    def check_tokenizers(self) -> None:
+        """Both tokenizers must give character offsets; one shared tokenizer works but is wasteful."""
+        for role, tok in (("student", self.student_tokenizer), ("teacher", self.teacher_tokenizer)):
+            try:
+                offsets_backend(tok)
+            except ValueError as err:
+                raise ValueError(f"model.{role}: {err}") from None
+        s, t = self.student_tokenizer, self.teacher_tokenizer
+        if s is t or (len(s) == len(t) and s.get_vocab() == t.get_vocab()):
+            warnings.warn("method.name=cross_tokenizer with one shared tokenizer: every chunk is a "
+                          "single token, and token_kd (method.name=token_kd) compares the full "
+                          "distributions exactly and is cheaper", UserWarning, stacklevel=3)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The student's rows (the trainer's student forward keeps these); the teacher keeps its own."""
+        return None if self.student_tokenizer is None else len(self.student_tokenizer)
+
+    def attach(self, teacher: PreTrainedModel | None, student: PreTrainedModel, *,
+               chunked_head_ok: bool) -> None:
+        if teacher is None:
+            raise ValueError("method cross_tokenizer needs a live teacher (model.teacher_mode=live): "
+                             "offline top-k columns are in the teacher's vocabulary, which the "
+                             "student does not share")
+        for role, model, tok in (("teacher", teacher, self.teacher_tokenizer),
+                                 ("student", student, self.student_tokenizer)):
+            if output_rows(model) < len(tok):
+                raise ValueError(f"the {role} has {output_rows(model)} output rows but its tokenizer "
+                                 f"has {len(tok)} tokens; model.{role} and its tokenizer do not "
+                                 "belong together")
+        self.teacher = teacher
+        self.chunked_head_ok = chunked_head_ok
+
+    # -- data -----------------------------------------------------------------------------------
+    def features(self, rows: Dataset, *, response: str, max_length: int) -> Dataset:
+        """Student and teacher token ids (each with its own chat template on the prompt) and the
+        response's chunk spans, aligned once here."""
+        for col in ("prompt", response):
+            if col not in rows.column_names:
+                raise ValueError(f"dataset columns {rows.column_names} lack {col!r}; cross_tokenizer "
+                                 "reads the prompt and the response as text (data.response)")
+        self.max_length = max_length
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            aligned = self._aligner([str(r) for r in batch[response]])
+            out: dict[str, list] = {k: [] for k in FEATURE_KEYS}
+            for prompt, al in zip(batch["prompt"], aligned):
+                row = self._row(self._prompt_ids(self.student_tokenizer, prompt),
+                                self._prompt_ids(self.teacher_tokenizer, prompt), al, ended=True)
+                for k in FEATURE_KEYS:
+                    out[k].append(row[k])
+            return out
+
+        out = rows.map(encode, batched=True, batch_size=256, desc="tokenize + align")
+        fits = [s < max_length and t < max_length
+                for s, t in zip(out["prompt_len"], out["teacher_prompt_len"])]
+        if not any(fits):
+            raise ValueError(f"every prompt is >= data.max_length={max_length} tokens for the student "
+                             "or the teacher; raise data.max_length")
+        return out.select([i for i, ok in enumerate(fits) if ok])
+
+    @staticmethod
+    def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+        from llmkd.data.collate import chat_prompt_ids
+
+        ids = chat_prompt_ids(tokenizer, prompt)
+        if not ids:
+            raise ValueError("an empty prompt tokenises to nothing; the first response chunk needs a "
+                             "token before it (give the tokenizer a chat template or a BOS token)")
+        return ids
+
+    def _row(self, s_prompt: list[int], t_prompt: list[int], al: AlignedText, *, ended: bool) -> dict[str, Any]:
+        """One example: prompt + response on each side, truncated to whole chunks that fit
+        `max_length` on both sides; a finished response ends in an (eos, eos) chunk."""
+        s_ids, t_ids, chunks = list(al.ids_a), list(al.ids_b), list(al.chunks)
+        s_eos, t_eos = self.student_tokenizer.eos_token_id, self.teacher_tokenizer.eos_token_id
+        if ended and s_eos is not None and t_eos is not None:
+            chunks.append(((len(s_ids), len(s_ids) + 1), (len(t_ids), len(t_ids) + 1)))
+            s_ids.append(s_eos)
+            t_ids.append(t_eos)
+        ps, pt = len(s_prompt), len(t_prompt)
+        limit = self.max_length if self.max_length is not None else float("inf")
+        n = 0
+        while n < len(chunks) and ps + chunks[n][0][1] <= limit and pt + chunks[n][1][1] <= limit:
+            n += 1
+        chunks = chunks[:n]
+        s_end, t_end = (chunks[-1][0][1], chunks[-1][1][1]) if chunks else (0, 0)
+        return {"input_ids": s_prompt + s_ids[:s_end], "labels": [-100] * ps + s_ids[:s_end],
+                "prompt_len": ps, "teacher_input_ids": t_prompt + t_ids[:t_end], "teacher_prompt_len": pt,
+                "chunk_spans": [[ps + a0, ps + a1, pt + b0, pt + b1] for (a0, a1), (b0, b1) in chunks]}
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The student batch (`DistillCollator`) plus the teacher's ids and the chunk layout:
+        per token its chunk id (-1: none) on each side, per chunk its first token and a mask."""
+        import torch
+
+        from llmkd.data.collate import DistillCollator
+
+        batch = DistillCollator(pad_id(self.student_tokenizer))(rows)
+        b, n_t = len(rows), max(len(r["teacher_input_ids"]) for r in rows)
+        c = max(max(len(r["chunk_spans"]) for r in rows), 1)
+        t_ids = torch.full((b, n_t), pad_id(self.teacher_tokenizer), dtype=torch.long)
+        t_mask = torch.zeros((b, n_t), dtype=torch.long)
+        s_index = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
+        t_index = torch.full((b, n_t), -1, dtype=torch.long)
+        s_start = torch.zeros((b, c), dtype=torch.long)
+        t_start = torch.zeros((b, c), dtype=torch.long)
+        mask = torch.zeros((b, c), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids = r["teacher_input_ids"]
+            t_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            t_mask[i, : len(ids)] = 1
+            for k, (a0, a1, b0, b1) in enumerate(r["chunk_spans"]):
+                s_index[i, a0:a1] = k
+                t_index[i, b0:b1] = k
+                s_start[i, k], t_start[i, k], mask[i, k] = a0, b0, True
+        batch.update(teacher_input_ids=t_ids, teacher_attention_mask=t_mask,
+                     teacher_prompt_len=torch.tensor([r["teacher_prompt_len"] for r in rows]),
+                     student_chunk_index=s_index, teacher_chunk_index=t_index,
+                     student_chunk_start=s_start, teacher_chunk_start=t_start, chunk_mask=mask)
+        return batch
+
+    def count_items(self, batch: dict[str, torch.Tensor]) -> int:
+        """Loss items are aligned chunks."""
+        return int(batch["chunk_mask"].sum())
+
+    # -- on-policy samples: re-tokenised for both sides -------------------------------------------
+    def response_source(self, rng: Any) -> str:
+        return "student" if self.params.lmbda > 0 and rng.random() < self.params.lmbda else "dataset"
+
+    def sampling(self) -> SamplingSpec:
+        p = self.params
+        return SamplingSpec(temperature=p.gen_temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens)
+
+    def sampled_batch(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Student samples -> text -> both tokenizations and chunks (the teacher's prompt ids come
+        from the dataset batch). A sample cut off before its eos gets no eos chunk."""
+        special = set(self.student_tokenizer.all_special_ids)
+        texts, ended = [], []
+        for r in rows:
+            resp = list(r["input_ids"][r["prompt_len"]:])
+            ended.append(bool(resp) and resp[-1] in special)
+            texts.append(self.student_tokenizer.decode(resp[:-1] if ended[-1] else resp,
+                                                       skip_special_tokens=False,
+                                                       clean_up_tokenization_spaces=False))
+        out = []
+        for r, al, end in zip(rows, self._aligner(texts), ended):
+            t_prompt = list(r["teacher_input_ids"][: int(r["teacher_prompt_len"])])
+            out.append(self._row(list(r["input_ids"][: r["prompt_len"]]), t_prompt, al, ended=end))
+        return self.collate(out)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def wants_hidden(self) -> bool:
+        return self.chunked_head_ok and self.params.chunk_size > 0
+
+    def teacher_targets(self, batch: dict[str, torch.Tensor]) -> TeacherTargets:
+        if self.params.loss == "none":
+            return TeacherTargets()
+        return TeacherTargets(output=self.teacher_output(batch))
+
+    def teacher_output(self, batch: dict[str, torch.Tensor]) -> HeadOutput:
+        """The teacher on its own tokens (no graph), restricted to its tokenizer's rows."""
+        from llmkd.models.head import run_head
+
+        inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
+        return run_head(self.teacher, inputs, hidden=self.wants_hidden(), vocab=len(self.teacher_tokenizer))
+
+    def loss(self, student: HeadOutput, targets: TeacherTargets, batch: dict[str, torch.Tensor],
+             num_items: torch.Tensor | int | None) -> tuple[torch.Tensor, dict[str, float]]:
+        from llmkd.losses import alm_loss, uld_loss
+        from llmkd.losses.divergences import reduce
+
+        p, mask = self.params, batch["chunk_mask"]
+        metrics: dict[str, float] = {}
+        s_chunks = None
+        if p.loss == "alm" or p.ce_weight > 0:
+            s_chunks = chunk_logps(student, batch["input_ids"], batch["student_chunk_index"], mask.shape[1],
+                                   p.chunk_size)
+        if p.loss == "alm":
+            t_chunks = chunk_logps(targets.output, batch["teacher_input_ids"], batch["teacher_chunk_index"],
+                                   mask.shape[1], p.chunk_size)
+            total = alm_loss(t_chunks, s_chunks, tau=p.tau, mask=mask, num_items=num_items)
+            metrics["alm"] = as_mean(total, num_items, mask)
+            gap = (t_chunks - s_chunks.detach()).abs()
+            metrics["chunk_gap"] = float(gap[mask].mean()) if mask.any() else 0.0
+        elif p.loss == "uld":
+            s_rows = rows_at(student, batch["student_chunk_start"] - 1) / p.temperature
+            t_rows = rows_at(targets.output, batch["teacher_chunk_start"] - 1) / p.temperature
+            total = uld_loss(s_rows, t_rows, mask=mask, num_items=num_items)
+            metrics["uld"] = as_mean(total, num_items, mask)
+        else:
+            total = None
+        if p.ce_weight > 0:
+            ce = reduce(-s_chunks, mask, "mean", num_items)
+            metrics["ce"] = as_mean(ce, num_items, mask)
+            total = p.ce_weight * ce if total is None else total + p.ce_weight * ce
+        return total, metrics
+
+
+FEATURE_KEYS = ("input_ids", "labels", "prompt_len", "teacher_input_ids", "teacher_prompt_len", "chunk_spans")
+
+
+# -- tensor helpers ---------------------------------------------------------------------------------
+
+def _logp_rows(source: torch.Tensor, head: LMHead | None, b: torch.Tensor, j: torch.Tensor,
+               target: torch.Tensor) -> torch.Tensor:
+    """log p(target) from rows source[b, j]: hidden states through `head`, or logits as they are."""
+    import torch
+
+    x = source[b, j]
+    logits = head.logits(x) if head is not None else x
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits.gather(-1, target[:, None])[:, 0] - logits.logsumexp(-1)
+
+
+def token_logps(out: HeadOutput, ids: torch.Tensor, want: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(B, S): log p(ids[b, s] | ids[b, <s]) where `want` (positions >= 1), 0 elsewhere.
+
+    Rows are taken `chunk_size` at a time; with a graph each piece is checkpointed (its logits
+    are recomputed in backward), so no more than one piece of logits lives at once.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    want = want.clone()
+    want[:, 0] = False            # nothing predicts the first token
+    b, j = want.nonzero(as_tuple=True)
+    target = ids[b, j]
+    source, head = (out.logits, None) if out.logits is not None else (out.hidden, out.head)
+    step = chunk_size if chunk_size > 0 else max(len(b), 1)
+    grad = torch.is_grad_enabled() and (source.requires_grad or (head is not None and head.weight.requires_grad))
+    pieces = []
+    for lo in range(0, len(b), step):
+        args = (source, head, b[lo:lo + step], j[lo:lo + step] - 1, target[lo:lo + step])
+        pieces.append(checkpoint(_logp_rows, *args, use_reentrant=False) if grad else _logp_rows(*args))
+    dtype = pieces[0].dtype if pieces else torch.float32
+    flat = torch.cat(pieces) if pieces else torch.zeros(0, device=ids.device, dtype=dtype)
+    return torch.zeros(ids.shape, dtype=dtype, device=ids.device).index_put((b, j), flat)
+
+
+def chunk_logps(out: HeadOutput, ids: torch.Tensor, chunk_index: torch.Tensor, num_chunks: int,
+                chunk_size: int) -> torch.Tensor:
+    """(B, num_chunks): the summed log-likelihood of each chunk's tokens."""
+    from llmkd.losses.alm import chunk_sums
+
+    return chunk_sums(token_logps(out, ids, chunk_index >= 0, chunk_size), chunk_index, num_chunks)
+
+
+def rows_at(out: HeadOutput, positions: torch.Tensor) -> torch.Tensor:
+    """(B, C, V) logits at `positions` (B, C) (clamped to >= 0; padding is masked later)."""
+    positions = positions.clamp(min=0)
+    if out.logits is not None:
+        return out.logits.gather(1, positions[..., None].expand(-1, -1, out.logits.shape[-1]))
+    hidden = out.hidden.gather(1, positions[..., None].expand(-1, -1, out.hidden.shape[-1]))
+    return out.head.logits(hidden)
+
+
+
+def chunk_gap(method: CrossTokenizer, student: PreTrainedModel, features: Dataset, *,
+              batch_size: int = 16) -> dict[str, float]:
+    """Held-out closeness in the units ALM trains: over every aligned chunk of `features`, the
+    mean |l_T - l_S| of teacher and student chunk log-likelihoods (nats), its signed mean, and
+    both mean log-likelihoods. Needs `method.attach` (the teacher) done."""
+    import torch
+
+    from llmkd.models.head import forward_head
+
+    device = next(student.parameters()).device
+    was_training = student.training
+    student.eval()
+    sums = {"abs": 0.0, "signed": 0.0, "teacher": 0.0, "student": 0.0}
+    count = 0
+    with torch.no_grad():
+        for lo in range(0, len(features), batch_size):
+            batch = method.collate([features[i] for i in range(lo, min(lo + batch_size, len(features)))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            mask, width, size = batch["chunk_mask"], batch["chunk_mask"].shape[1], method.params.chunk_size
+            s_out = forward_head(student, batch, hidden=method.wants_hidden(), vocab=method.vocab_size)
+            l_s = chunk_logps(s_out, batch["input_ids"], batch["student_chunk_index"], width, size)[mask]
+            l_t = chunk_logps(method.teacher_output(batch), batch["teacher_input_ids"],
+                              batch["teacher_chunk_index"], width, size)[mask]
+            sums["abs"] += float((l_t - l_s).abs().sum())
+            sums["signed"] += float((l_t - l_s).sum())
+            sums["teacher"] += float(l_t.sum())
+            sums["student"] += float(l_s.sum())
+            count += int(mask.sum())
+    student.train(was_training)
+    n = max(count, 1)
+    return {"chunk_gap": sums["abs"] / n, "chunk_gap_signed": sums["signed"] / n,
+            "teacher_chunk_logp": sums["teacher"] / n, "student_chunk_logp": sums["student"] / n,
+            "chunks": count}
+
+# -- tokenizer transfer -----------------------------------------------------------------------------
+
+def train_tokenizer(texts: list[str], vocab_size: int, like: PreTrainedTokenizerBase) -> PreTrainedTokenizerFast:
+    """A new byte-level BPE tokenizer trained on `texts`, keeping `like`'s special and added
+    tokens (same strings, so its chat template renders the same way) and its chat template.
+    Digits are not split one by one and merges follow `texts`: a different tokenization."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    added = [t.content for _, t in sorted(like.added_tokens_decoder.items())]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=added, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    names = {k: getattr(like, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+             if getattr(like, k, None) is not None}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+    fast.chat_template = like.chat_template
+    return fast
+
+
+def teacher_pieces(new_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> list[list[int]]:
+    """For each token of `new_tok`, the teacher token ids spelling the same bytes (a token with
+    the same string where one exists; byte-level pieces through the teacher's own BPE model, so
+    a token holding part of a character still maps; otherwise its decoded text re-encoded)."""
+    t_vocab = teacher_tok.get_vocab()
+    backend = teacher_tok.backend_tokenizer
+    byte_level = all("ByteLevel" in repr(t.backend_tokenizer.pre_tokenizer) for t in (new_tok, teacher_tok))
+    out = []
+    for i in range(len(new_tok)):
+        piece = new_tok.convert_ids_to_tokens(i)
+        if piece in t_vocab:
+            out.append([t_vocab[piece]])
+        elif byte_level:
+            out.append([t_vocab[t.value] for t in backend.model.tokenize(piece)])
+        else:
+            out.append(teacher_tok(new_tok.decode([i]), add_special_tokens=False)["input_ids"])
+    return out
+
+
+def transfer_student(teacher: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase,
+                     new_tok: PreTrainedTokenizerBase, layers: str | int | list[int] = "all") -> PreTrainedModel:
+    """The teacher's layers (all, "every_other", a count or a list) under `new_tok`: each new
+    embedding row (and lm_head row, when untied) is the mean of the teacher rows of its pieces."""
+    import torch
+
+    from llmkd.models.student import derive_student
+
+    n_layers = len(teacher.get_decoder().layers)
+    student = derive_student(teacher, list(range(n_layers)) if layers == "all" else layers)
+    pieces = teacher_pieces(new_tok, teacher_tok)
+
+    def mean_rows(weight: torch.Tensor) -> torch.Tensor:
+        fallback = weight.mean(0)
+        return torch.stack([weight[ids].mean(0) if ids else fallback for ids in pieces])
+
+    tied = getattr(student.config, "tie_word_embeddings", False)
+    with torch.no_grad():
+        new_in = mean_rows(teacher.get_input_embeddings().weight)
+        new_out = None if tied else mean_rows(teacher.get_output_embeddings().weight)
+        student.resize_token_embeddings(len(new_tok), mean_resizing=False)
+        student.get_input_embeddings().weight.copy_(new_in)
+        if new_out is not None:
+            student.get_output_embeddings().weight.copy_(new_out)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(new_tok, key)
+        setattr(student.config, key, value)
+        setattr(student.generation_config, key, value)
+    return student
