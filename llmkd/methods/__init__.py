@@ -9,7 +9,9 @@ if TYPE_CHECKING:
     from llmkd.methods.base import Method, MethodParams
 
 METHODS = {"token_kd": "llmkd.methods.token_kd:TokenKD",
-           "rationale": "llmkd.methods.rationale:Rationale"}
+           "rationale": "llmkd.methods.rationale:Rationale",
+           "taid": "llmkd.methods.taid:TAID",
+           "distillspec": "llmkd.methods.distillspec:DistillSpec"}
 # Where a method's Params live without torch (configs are validated before torch loads); a
 # method missing here still works: its Params are then reached through the method module.
 PARAMS = {"token_kd": "llmkd.methods.params:TokenKDParams",
