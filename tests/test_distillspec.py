@@ -78,9 +78,10 @@ def test_taid_learns_and_logs_t_from_the_schedule(tiny_pair, tmp_path):
         assert t == pytest.approx(ref.t, abs=1e-6)
         ref.update(loss, step)
     assert ts[-1][1] > 0.4 + 0.6 * 29 / 30 - 1e-9           # at least the linear floor
-    # evaluation uses, and does not move, the current t
-    evals = logged(trainer, "eval_taid_t")
-    assert evals and all(t == dict(ts)[s + 1] if s + 1 in dict(ts) else True for s, t in evals)
+    # evaluation after step s uses, and does not move, the t that step s+1 then trains with
+    evals, by_step = logged(trainer, "eval_taid_t"), dict(ts)
+    assert [s for s, _ in evals] == [10, 20, 30]
+    assert all(t == by_step.get(s + 1, trainer.method.t) for s, t in evals)
     state = trainer.method.state_dict()
     trainer.evaluate()
     assert trainer.method.state_dict() == state
