@@ -412,6 +412,9 @@ def check_config(raw: dict) -> dict[str, Any]:
     top.setdefault("output_dir", "runs/distill")
     _check_training_values(top, choices)
     _check_model(kwargs["model"])
+    if kwargs["model"].teacher_mode == "offline" and not kwargs["data"].path:
+        raise ValueError("config: model.teacher_mode=offline needs data.path pointing at an "
+                         "`llmkd generate` output directory (it holds the teacher top-k columns)")
     _check_data(kwargs["data"])
     _check_output(top, resume)
     if resume not in (None, False):

@@ -142,13 +142,14 @@ def check_output_dir(path: str | Path, field: str = "output_dir") -> None:
     if not existing.is_dir():
         raise NotADirectoryError(f"{where}: {existing} is a regular file, so no directory can be "
                                  f"created under it; choose another {field}")
-    if not _writable(existing):
+    if not (os.access(existing, os.W_OK | os.X_OK) if existing == p.absolute() else _writable(existing)):
         raise PermissionError(f"{where}: {existing} is not writable (permission or read-only file "
                               f"system); choose a writable {field}")
 
 
 def _writable(directory: Path) -> bool:
-    """Really try (root passes os.access on read-only places like /proc)."""
+    """Can a directory be created in `directory`? Really try, as the run would (root passes
+    os.access on places like /proc); the probe is removed at once."""
     if not os.access(directory, os.W_OK | os.X_OK):
         return False
     try:

@@ -1,0 +1,269 @@
+"""Bad input through the real CLI, in a subprocess: exit 2, one line on stderr naming the field,
+no traceback, nothing written, and no model weights loaded (the child process makes
+`PreTrainedModel.from_pretrained` raise). Config mistakes must not even import torch: that is
+what keeps them fast (`llmkd distill` answers in well under 2 s instead of ~10 s)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import yaml
+
+# The child: refuse weight loading (patched as soon as transformers' modeling_utils is imported,
+# without importing it earlier) and report which model libraries were imported.
+RUNNER = r"""
+import importlib.abc, importlib.machinery, sys
+
+class RefuseWeights(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "transformers.modeling_utils":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            def refuse(cls, *args, **kwargs):
+                raise AssertionError("model weights loaded: from_pretrained was called")
+            module.PreTrainedModel.from_pretrained = classmethod(refuse)
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, RefuseWeights())
+from llmkd.cli import main
+code = main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    f.write(" ".join(m for m in ("torch", "transformers", "peft") if m in sys.modules))
+sys.exit(code)
+"""
+
+
+@dataclass
+class Case:
+    """One bad input: `setup(tmp, cfg)` may write files and edit the config dict (cfg is None
+    for commands without a distill config); `expect` are substrings of the error line."""
+
+    expect: tuple[str, ...]
+    setup: Callable[[Path, dict], list[str] | None] = lambda tmp, cfg: None
+    light: bool = True                  # a config error: torch must not be imported
+    argv: Callable[[Path], list[str]] | None = None   # default: llmkd distill cfg.yaml
+    sets: list[str] = field(default_factory=list)
+
+
+def edit(**top) -> Callable[[Path, dict], None]:
+    """Set dotted keys of the config: edit(**{"model.teacher": "x"})."""
+    def apply(tmp: Path, cfg: dict) -> None:
+        for key, value in top.items():
+            node = cfg
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[last] = value(tmp) if callable(value) else value
+    return apply
+
+
+def model_copy(tmp: Path, src: str, name: str = "broken") -> Path:
+    dst = tmp / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def broken_student(change: Callable[[Path], None]) -> Callable[[Path, dict], None]:
+    """A copy of the tiny student damaged by `change`, used as model.student."""
+    def apply(tmp: Path, cfg: dict) -> None:
+        d = model_copy(tmp, cfg["model"]["student"])
+        change(d)
+        cfg["model"]["student"] = str(d)
+    return apply
+
+
+def truncate(d: Path) -> None:
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+
+
+def shrink_vocab(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vocab_size"] = 300                       # the tokenizer has 512 tokens
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def drop_tokenizer(d: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).unlink()
+
+
+def file_text(name: str, text: str) -> Callable[[Path], str]:
+    def make(tmp: Path) -> str:
+        (tmp / name).write_text(text)
+        return str(tmp / name)
+    return make
+
+
+def raw_config(text: str) -> Callable[[Path], list[str]]:
+    return lambda tmp: ["distill", file_text("raw.yaml", text)(tmp)]
+
+
+def local_rows(n: int, columns: tuple[str, str] = ("question", "answer")) -> Callable[[Path], str]:
+    rows = "".join(json.dumps({columns[0]: f"{i}+1?", columns[1]: str(i + 1)}) + "\n" for i in range(n))
+    return file_text("data.jsonl", rows)
+
+
+def other_tokenizer_student(tmp: Path, cfg: dict) -> None:
+    from llmkd.models.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer(vocab_size=400)
+    tiny_model(tok).save_pretrained(tmp / "other")
+    tok.save_pretrained(tmp / "other")
+    cfg["model"]["student"] = str(tmp / "other")
+
+
+def with_checkpoint(complete: bool) -> Callable[[Path, dict], None]:
+    def apply(tmp: Path, cfg: dict) -> None:
+        ckpt = Path(cfg["output_dir"]) / "checkpoint-3"
+        ckpt.mkdir(parents=True)
+        if complete:
+            (ckpt / "trainer_state.json").write_text("{}")
+            shutil.copy(Path(cfg["model"]["student"]) / "model.safetensors", ckpt)
+    return apply
+
+
+def eval_argv(model: Callable[[Path], str], *extra: str) -> Callable[[Path], list[str]]:
+    return lambda tmp: ["eval", "--model", model(tmp), "--recipes", "arithmetic", "--backend", "hf",
+                        "--out", str(tmp / "eval"), *extra]
+
+
+def eval_model(change: Callable[[Path], None]) -> Callable[[Path], str]:
+    def make(tmp: Path) -> str:
+        d = model_copy(tmp, STUDENT[0])
+        change(d)
+        return str(d)
+    return make
+
+
+STUDENT: list[str] = []   # the tiny student dir, for argv builders (set by the fixture)
+
+CASES = {
+    # the file and the command line
+    "config-missing": Case(("config file", "nope.yaml", "does not exist"), argv=lambda tmp: ["distill", "nope.yaml"]),
+    "yaml-syntax": Case(("raw.yaml", "line 3, column 5", "fix the YAML"),
+                        argv=raw_config("max_steps: 3\nmodel: {teacher: x\ndata: 1\n")),
+    "yaml-not-mapping": Case(("top level must be a mapping", "found list"), argv=raw_config("- a\n- b\n")),
+    "yaml-duplicate-key": Case(("duplicate key 'max_steps'", "line 3"),
+                               argv=raw_config("max_steps: 3\nseed: 1\nmax_steps: 4\n")),
+    "set-without-value": Case(("--set 'max_steps'", "expected KEY=VALUE"), sets=["max_steps"]),
+    "set-bad-yaml": Case(("--set 'method.beta=[0.5'", "not valid YAML"), sets=["method.beta=[0.5"]),
+    "set-into-a-value": Case(("'max_steps' is not a section",), sets=["max_steps.x=1"]),
+    # top-level TrainingArguments keys and values
+    "unknown-key": Case(("'learnig_rate'", "did you mean 'learning_rate'"), edit(learnig_rate=1e-3)),
+    "wrong-type": Case(("max_steps='ten' has type str",), edit(max_steps="ten")),
+    "negative-lr": Case(("learning_rate=-0.0001 must be >= 0",), edit(learning_rate=-1e-4)),
+    "batch-size-0": Case(("per_device_train_batch_size=0 must be >= 1",), edit(per_device_train_batch_size=0)),
+    "grad-accum-0": Case(("gradient_accumulation_steps=0 must be >= 1",), edit(gradient_accumulation_steps=0)),
+    "max-steps-0": Case(("max_steps=0",), edit(max_steps=0)),
+    "scheduler-typo": Case(("lr_scheduler_type='cosin' is unknown", "did you mean 'cosine'"),
+                           edit(lr_scheduler_type="cosin")),
+    "save-strategy": Case(("save_strategy='sometimes' is unknown",), edit(save_strategy="sometimes")),
+    "deepspeed-missing": Case(("deepspeed=", "zero9.json", "is not a file"), edit(deepspeed="zero9.json")),
+    # model section
+    "model-key-typo": Case(("'teachr'", "did you mean 'teacher'"), edit(**{"model.teachr": "x"})),
+    "teacher-missing": Case(("model.teacher='/no/such/model' is not a model directory",),
+                            edit(**{"model.teacher": "/no/such/model"})),
+    "model-without-weights": Case(("model.student=", "has no weights"),
+                                  broken_student(lambda d: (d / "model.safetensors").unlink())),
+    "model-truncated": Case(("model.student=", "model.safetensors is truncated", "save the model again"),
+                            broken_student(truncate)),
+    "model-pickle-only": Case(("model.student=", "pytorch_model.bin (pickle)", "safetensors only"),
+                              broken_student(lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"))),
+    "vocab-smaller-than-tokenizer": Case(("model.student=", "token ids up to 511", "vocab_size=300"),
+                                         broken_student(shrink_vocab)),
+    "no-tokenizer": Case(("model.student=", "has no tokenizer files"), broken_student(drop_tokenizer)),
+    "dtype": Case(("model.student_dtype='bf16' is unknown",), edit(**{"model.student_dtype": "bf16"})),
+    "teacher-mode": Case(("model.teacher_mode='remote'",), edit(**{"model.teacher_mode": "remote"})),
+    "offline-without-data": Case(("teacher_mode=offline needs data.path",), edit(**{"model.teacher_mode": "offline"})),
+    "student-layers": Case(("model.student_layers='every_third'",), edit(**{"model.student_layers": "every_third"})),
+    # data section
+    "recipe-typo": Case(("data.recipe='arithmetc'", "Did you mean 'arithmetic'"), edit(**{"data.recipe": "arithmetc"})),
+    "num-train-type": Case(("data.num_train='many' has type str",), edit(**{"data.num_train": "many"})),
+    "num-train-0": Case(("data.num_train=0 must be >= 1",), edit(**{"data.num_train": 0})),
+    "data-path-missing": Case(("data.path='/no/data.jsonl' does not exist",), edit(**{"data.path": "/no/data.jsonl"})),
+    # method section
+    "method-not-mapping": Case(("method must be a mapping",), edit(method="token_kd")),
+    "method-name-typo": Case(("method.name='tokn_kd'", "Did you mean 'token_kd'"), edit(**{"method.name": "tokn_kd"})),
+    "method-param-typo": Case(("'method.betta'", "did you mean 'beta'"), edit(**{"method.betta": 0.1})),
+    "beta-range": Case(("method.beta=1.5 is outside [0, 1]",), edit(**{"method.beta": 1.5})),
+    "temperature-0": Case(("method.temperature=0 must be > 0",), edit(**{"method.temperature": 0})),
+    "kind-unknown": Case(("method.kind='kl' is unknown",), edit(**{"method.kind": "kl"})),
+    # output_dir and resume
+    "output-under-a-file": Case(("output_dir=", "is a regular file"),
+                                edit(output_dir=lambda tmp: file_text("notes.txt", "x")(tmp) + "/run")),
+    "output-is-a-file": Case(("output_dir=", "is a file, not a directory"),
+                             edit(output_dir=file_text("notes.txt", "x"))),
+    "output-unwritable": Case(("output_dir='/proc/llmkd-test/run'", "not writable"),
+                              edit(output_dir="/proc/llmkd-test/run")),
+    "output-not-empty": Case(("is not empty", "--set overwrite_output_dir=true"),
+                             lambda tmp, cfg: (Path(cfg["output_dir"]).mkdir(), (Path(cfg["output_dir"]) / "x").write_text("x"))),
+    "output-has-a-run": Case(("is not empty", "--set resume_from_checkpoint=true"), with_checkpoint(complete=True)),
+    "resume-without-checkpoint": Case(("resume_from_checkpoint=true but output_dir=", "no complete checkpoint"),
+                                      sets=["resume_from_checkpoint=true"]),
+    "resume-incomplete-checkpoint": Case(("no complete checkpoint", "skipped incomplete", "checkpoint-3 (no trainer_state.json)"),
+                                         with_checkpoint(complete=False), sets=["resume_from_checkpoint=true"]),
+    "resume-path-missing": Case(("resume_from_checkpoint='/no/ckpt' is not a checkpoint directory",),
+                                sets=["resume_from_checkpoint=/no/ckpt"]),
+    "resume-and-overwrite": Case(("contradict",), with_checkpoint(complete=True),
+                                 sets=["resume_from_checkpoint=true", "overwrite_output_dir=true"]),
+    # found while loading data and tokenizers: still before any weights
+    "num-train-exceeds-data": Case(("has 10 rows but data.num_train=16", "data.allow_fewer=true"),
+                                   edit(**{"data.path": local_rows(10), "data.num_train": 16}), light=False),
+    "data-without-column": Case(("lack ['answer']",),
+                                edit(**{"data.path": local_rows(20, ("question", "solution"))}), light=False),
+    "different-tokenizers": Case(("tokenizer", "cross_tokenizer"), other_tokenizer_student, light=False),
+    # llmkd eval
+    "eval-vocab-smaller-than-tokenizer": Case(("model=", "vocab_size=300"), argv=eval_argv(eval_model(shrink_vocab))),
+    "eval-truncated-weights": Case(("model=", "is truncated"), argv=eval_argv(eval_model(truncate))),
+    "eval-yaml-syntax": Case(("eval config", "line 2, column"), argv=lambda tmp: ["eval", file_text("e.yaml", "models: [a\n")(tmp)]),
+    "eval-out-under-a-file": Case(("out=", "is a regular file"),
+                                  argv=lambda tmp: eval_argv(lambda t: STUDENT[0])(tmp)[:-2]
+                                  + ["--out", file_text("notes.txt", "x")(tmp) + "/eval"]),
+}
+
+
+def snapshot(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_one_line_exit_2_nothing_written(name, tiny_pair, tmp_path):
+    case = CASES[name]
+    STUDENT[:] = [tiny_pair[1]]
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = {"output_dir": str(work / "out"), "use_cpu": True, "max_steps": 1, "save_strategy": "no",
+           "model": {"teacher": tiny_pair[0], "student": tiny_pair[1]},
+           "data": {"recipe": "arithmetic", "num_train": 8, "num_eval": 4},
+           "method": {"name": "token_kd", "kind": "jsd", "beta": 0.5}}
+    case.setup(work, cfg)
+    (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    argv = case.argv(work) if case.argv else ["distill", str(work / "cfg.yaml")]
+    argv += [x for s in case.sets for x in ("--set", s)]
+    before = snapshot(work)
+    report = tmp_path / "imported.txt"
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(report), *argv], cwd=work, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = proc.stderr
+    assert "Traceback" not in err and proc.returncode == 2, err
+    errors = [line for line in err.splitlines() if line.startswith(f"llmkd {argv[0]}: error: ")]
+    assert len(errors) == 1, err
+    for part in case.expect:
+        assert part in errors[0], (part, errors[0])
+    assert snapshot(work) == before, "the failed run changed its directory"
+    if case.light:   # nothing but our one line, and no model library imported
+        assert err.strip() == errors[0], err
+        assert report.read_text() == "", report.read_text()
