@@ -267,6 +267,8 @@ class CrossTokenizer(Method):
 
     def loss(self, student: HeadOutput, targets: TeacherTargets, batch: dict[str, torch.Tensor],
              num_items: torch.Tensor | int | None) -> tuple[torch.Tensor, dict[str, float]]:
+        import torch
+
         from llmkd.losses import alm_loss, uld_loss
         from llmkd.losses.divergences import reduce
 
@@ -277,15 +279,17 @@ class CrossTokenizer(Method):
             s_chunks = chunk_logps(student, batch["input_ids"], batch["student_chunk_index"], mask.shape[1],
                                    p.chunk_size)
         if p.loss == "alm":
-            t_chunks = chunk_logps(targets.output, batch["teacher_input_ids"], batch["teacher_chunk_index"],
-                                   mask.shape[1], p.chunk_size)
+            with torch.no_grad():       # the teacher is a target (its weights may still require grad)
+                t_chunks = chunk_logps(targets.output, batch["teacher_input_ids"], batch["teacher_chunk_index"],
+                                       mask.shape[1], p.chunk_size)
             total = alm_loss(t_chunks, s_chunks, tau=p.tau, mask=mask, num_items=num_items)
             metrics["alm"] = as_mean(total, num_items, mask)
-            gap = (t_chunks - s_chunks.detach()).abs()
-            metrics["chunk_gap"] = float(gap[mask].mean()) if mask.any() else 0.0
+            gap = (t_chunks - s_chunks.detach()).abs()[mask]
+            metrics["chunk_gap"] = float(gap.mean()) if gap.numel() else 0.0
         elif p.loss == "uld":
             s_rows = rows_at(student, batch["student_chunk_start"] - 1) / p.temperature
-            t_rows = rows_at(targets.output, batch["teacher_chunk_start"] - 1) / p.temperature
+            with torch.no_grad():
+                t_rows = rows_at(targets.output, batch["teacher_chunk_start"] - 1) / p.temperature
             total = uld_loss(s_rows, t_rows, mask=mask, num_items=num_items)
             metrics["uld"] = as_mean(total, num_items, mask)
         else:
