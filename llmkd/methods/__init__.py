@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from llmkd.methods.base import Method, MethodParams
 
 METHODS = {"token_kd": "llmkd.methods.token_kd:TokenKD",
+           "cross_tokenizer": "llmkd.methods.cross_tokenizer:CrossTokenizer",
            "rationale": "llmkd.methods.rationale:Rationale",
            "taid": "llmkd.methods.taid:TAID",
            "distillspec": "llmkd.methods.distillspec:DistillSpec"}
