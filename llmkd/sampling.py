@@ -67,8 +67,10 @@ class HFSampler:
             eos_token_id=sorted(eos_ids), use_cache=True)
         # generate() merges the model's own generation_config into ours where ours holds a
         # default (repetition_penalty 1.0 would become the checkpoint's 1.05): swap it out.
-        saved = model.generation_config
-        model.generation_config = config
+        # A PEFT wrapper reads (and on generate copies) the base model's config: swap it there.
+        owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        saved = owner.generation_config
+        owner.generation_config = config
         devices = [device] if device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices, enabled=spec.seed is not None):
@@ -76,7 +78,9 @@ class HFSampler:
                     torch.manual_seed(spec.seed)
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         finally:
-            model.generation_config = saved
+            owner.generation_config = saved
+            if owner is not model:
+                model.__dict__.pop("generation_config", None)   # never shadow the base's own
         return [cut_at_eos(row, eos_ids, spec.max_new_tokens) for row in out[:, width:].tolist()]
 
 
@@ -84,4 +88,8 @@ def make_sampler(name: str, pad_token_id: int, **options: Any) -> Sampler:
     """The sampler a method names (`method.sampler`)."""
     if name == "hf":
         return HFSampler(pad_token_id)
+    if name == "vllm":   # options: max_model_len, gpu_memory_utilization, kv_cache_bytes, dtype
+        from llmkd.generation.vllm_sampler import VLLMSampler
+
+        return VLLMSampler(**options)
     raise ValueError(f"config: method.sampler={name!r} is unknown; use one of {SAMPLERS}")
