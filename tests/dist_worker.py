@@ -58,6 +58,7 @@ def main() -> int:
     info["train_loss"] = result.training_loss
     info["global_step"] = trainer.state.global_step
     info["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    info["on_policy"] = [h["on_policy"] for h in trainer.state.log_history if "on_policy" in h]
     if trainer.is_world_process_zero():
         tmp = Path(args.info + ".tmp")
         tmp.write_text(json.dumps(info, indent=1))

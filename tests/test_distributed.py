@@ -183,3 +183,16 @@ def test_zero3_cpu_offload_derived_student(tiny_pair, tmp_path):
     initial = {k: v.detach().clone() for k, v in derived.state_dict().items()}
     saved = weights(tmp_path / "z3o")
     assert_trained(saved, initial)
+
+
+@needs_deepspeed
+def test_zero3_on_policy_sampling(tiny_pair, tmp_path, initial):
+    """On-policy KD under ZeRO-3: the student's partitioned parameters are gathered for
+    generate, and both ranks draw the same response source each micro-batch (a disagreement
+    would deadlock the collective gather)."""
+    info = torchrun_worker(tiny_pair, tmp_path / "z3op", "method.lmbda=1.0", "method.max_new_tokens=6",
+                           "optim=adamw_torch", "learning_rate=1e-3", timeout=600)
+    assert info["world_size"] == 2 and info["zero_stage"] == 3
+    assert info["global_step"] == 3 and all(loss == loss for loss in info["losses"])
+    assert info["on_policy"] and all(v == 1.0 for v in info["on_policy"])
+    assert_trained(weights(tmp_path / "z3op"), initial)

@@ -223,3 +223,18 @@ def test_gradient_checkpointing_teacher_is_gone(tiny_pair, tmp_path):
     with pytest.raises(ValueError, match="gradient_checkpointing_teacher"):
         make_cfg(tiny_pair, tmp_path / "run", model={"teacher": tiny_pair[0], "student": tiny_pair[1],
                                                        "gradient_checkpointing_teacher": True})
+
+
+def test_lora_student_keeps_its_generation_config(tiny_pair, tmp_path):
+    """On-policy sampling swaps in its own config only while it samples: a LoRA student's base
+    model keeps the checkpoint's generation settings (merge-and-save must not inherit ours)."""
+    cfg = make_cfg(tiny_pair, tmp_path / "run", max_steps=1,
+                   model={"teacher": tiny_pair[0], "student": tiny_pair[1], "lora": {"r": 4}},
+                   method={"name": "token_kd", "lmbda": 1.0, "max_new_tokens": 4})
+    trainer = build_trainer(cfg)
+    base = trainer.model.get_base_model()
+    base.generation_config.top_k, base.generation_config.repetition_penalty = 20, 1.3
+    trainer.train()
+    gc = trainer.model.get_base_model().generation_config
+    assert (gc.top_k, gc.repetition_penalty) == (20, 1.3)
+    assert "generation_config" not in trainer.model.__dict__
