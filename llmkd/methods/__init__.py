@@ -16,7 +16,8 @@ METHODS = {"token_kd": "llmkd.methods.token_kd:TokenKD",
 # Where a method's Params live without torch (configs are validated before torch loads); a
 # method missing here still works: its Params are then reached through the method module.
 PARAMS = {"token_kd": "llmkd.methods.params:TokenKDParams",
-          "rationale": "llmkd.methods.params:RationaleParams"}
+          "rationale": "llmkd.methods.params:RationaleParams",
+          "cross_tokenizer": "llmkd.methods.cross_tokenizer:CrossTokenizerParams"}   # module is torch-free
 
 
 def _check_name(name: str) -> None:
