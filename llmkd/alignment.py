@@ -162,24 +162,33 @@ class ChunkAligner:
 def render_chat(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]],
                 **template_kwargs: Any) -> tuple[str, list[Span]]:
     """The tokenizer's own chat template applied to `messages`, and the character span of each
-    message's content in the rendered text (found in order; templates that trim content are
-    matched on the trimmed content)."""
+    message's content in the rendered text.
+
+    The template is rendered once more with a unique marker as each content, which shows where
+    the template puts every content (a content such as "user" would otherwise also match the
+    template's own text); templates that trim contents are matched on the trimmed content.
+    """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template; "
                          "set tokenizer.chat_template or align plain text with align_chunks")
     text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
-    spans, cursor = [], 0
-    for i, m in enumerate(messages):
-        content = m["content"]
-        pos = text.find(content, cursor)
-        if pos < 0 and content.strip() != content:
-            content = content.strip()
-            pos = text.find(content, cursor)
-        if pos < 0:
-            raise ValueError(f"message {i} ({m['role']}): its content is not found verbatim in the "
-                             "rendered chat template, so it cannot be aligned across tokenizers")
-        spans.append((pos, pos + len(content)))
-        cursor = pos + len(content)
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]     # private-use characters
+    probe = tokenizer.apply_chat_template([{**m, "content": k} for m, k in zip(messages, marks)],
+                                          tokenize=False, **template_kwargs)
+    spans, rebuilt, cursor = [], "", 0
+    for i, (m, mark) in enumerate(zip(messages, marks)):
+        at = probe.find(mark, cursor)
+        start = len(rebuilt) + at - cursor
+        content = next((c for c in (m["content"], m["content"].strip()) if text.startswith(c, start)), None)
+        if at < 0 or content is None:
+            raise ValueError(f"message {i} ({m['role']}): the chat template does not render its "
+                             "content verbatim, so it cannot be aligned across tokenizers")
+        rebuilt += probe[cursor:at] + content
+        spans.append((start, start + len(content)))
+        cursor = at + len(mark)
+    if rebuilt + probe[cursor:] != text:
+        raise ValueError("the chat template renders differently depending on the message contents; "
+                         "align the contents as plain text with align_chunks instead")
     return text, spans
 
 

@@ -270,3 +270,20 @@ def test_chunks_equal_trl_gold_groups_on_ascii(gold_pair, text: str) -> None:
     groups_a, groups_b = ULDLoss._align_by_byte_offsets(offs_a, offs_b)
     assert [list(range(*c[0])) for c in ours] == groups_a
     assert [list(range(*c[1])) for c in ours] == groups_b
+
+
+def test_chat_content_equal_to_template_text_is_found_in_place(pair) -> None:
+    """A content that also occurs in the template's own text ("user") is located where the
+    template put it, not at its first occurrence."""
+    from llmkd.alignment import render_chat
+
+    a, b = pair
+    msgs = [{"role": "user", "content": "user"}, {"role": "assistant", "content": "  [USER]: end|>  "}]
+    for tok in (a, b):
+        text, spans = render_chat(tok, msgs)
+        marked = tok.apply_chat_template([{**m, "content": "@@"} for m in msgs], tokenize=False)
+        assert [text[s:e] for s, e in spans] == ["user", "[USER]: end|>" if tok is b else msgs[1]["content"]]
+        assert spans[0][0] == marked.index("@@")
+    out = align_chat(msgs, a, b)
+    reply = [c for c, m in zip(out.chunks, out.chunk_message) if m == 1]
+    assert "".join(a.decode(out.ids_a[c[0][0]:c[0][1]]) for c in reply) == "[USER]: end|>"
