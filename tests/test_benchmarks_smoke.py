@@ -1,0 +1,94 @@
+"""The benchmark scripts' own logic on tiny models, in-process (their --quick CLI runs spawn one
+interpreter per variant, ~1 minute each: too slow for the suite). What is checked here is what
+the published numbers rest on: llmkd and TRL's GKD see the same batch and agree on the step-1
+loss, the hand-written floor computes llmkd's loss, and the cache encodings decode as stated."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import cache_size  # noqa: E402
+import loss_memory  # noqa: E402
+import step_floor  # noqa: E402
+import step_vs_trl  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def short_rows(tiny_pair: tuple[str, str]) -> list[dict]:
+    return step_vs_trl.prepare_rows(tiny_pair[0], step_vs_trl.QUICK_REGIMES["short"])
+
+
+def test_long_rows_have_the_requested_response_length(tiny_pair: tuple[str, str]) -> None:
+    regime = step_vs_trl.QUICK_REGIMES["long"]
+    rows = step_vs_trl.prepare_rows(tiny_pair[0], regime)
+    assert len(rows) == regime.rows
+    assert {len(r["response_ids"]) for r in rows} == {regime.response_tokens}
+
+
+def test_llmkd_and_trl_gkd_agree_on_the_first_step(tiny_pair: tuple[str, str], short_rows: list[dict],
+                                                   tmp_path: Path) -> None:
+    regime = step_vs_trl.QUICK_REGIMES["short"]
+    losses = {}
+    for variant in ("llmkd_off", "trl_gkd"):
+        record: dict[str, list] = {"loss": [], "loss_tokens": [], "padded_tokens": []}
+        trainer = step_vs_trl.build_trainer(variant, tiny_pair[0], short_rows, regime, 1,
+                                            str(tmp_path / variant), record)
+        trainer.train()
+        losses[variant] = record
+    ours, theirs = losses["llmkd_off"], losses["trl_gkd"]
+    assert ours["padded_tokens"] == theirs["padded_tokens"] and ours["loss_tokens"] == theirs["loss_tokens"]
+    assert ours["loss"][0] == pytest.approx(theirs["loss"][0], rel=1e-5)
+
+
+def test_floor_computes_llmkds_loss_on_the_same_batch(tiny_pair: tuple[str, str], short_rows: list[dict],
+                                                       tmp_path: Path) -> None:
+    regime = step_vs_trl.QUICK_REGIMES["short"]
+    rows = step_floor.length_grouped(short_rows, regime.batch)[: regime.batch]
+    trainer = step_floor.build_llmkd(tiny_pair[0], rows, regime, 1, "jsd", str(tmp_path))
+    seen = []
+    loss_fn = trainer.method.loss
+
+    def record(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        out = loss_fn(*a, **k)
+        seen.append(float(out[0].detach()))
+        return out
+
+    trainer.method.loss = record
+    trainer.train()
+    teacher, student, tok = step_vs_trl.load_pair(tiny_pair[0])
+    batches = step_floor.batches_for(rows, regime.batch, tok.pad_token_id)
+    floor = step_floor.floor_loop(teacher, student, batches, "jsd", 1e-5, lambda phases: None)
+    assert floor[0] == pytest.approx(seen[0], rel=1e-5)
+
+
+def test_loss_floor_does_the_four_matmuls_chunk_by_chunk() -> None:
+    torch.manual_seed(0)
+    h_s, h_t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    w_s, w_t = torch.randn(32, 8), torch.randn(32, 8)
+    grad_h, grad_w = loss_memory.matmul_floor(h_s, w_s, h_t, w_t, chunk_size=3)
+    logits = h_s.reshape(-1, 8) @ w_s.T
+    torch.testing.assert_close(grad_h, logits @ w_s)
+    torch.testing.assert_close(grad_w, logits.T @ h_s.reshape(-1, 8))
+
+
+def test_cache_encodings_decode_as_stated(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    t_logp = (3 * torch.randn(40, 300)).log_softmax(-1)
+    s_logits = torch.randn(40, 300)
+    lps, ids = t_logp.topk(20, -1)
+    found = {}
+    for name, enc in cache_size.encodings(vocab=300).items():
+        size, decoded = cache_size.encode_decode(ids, lps, enc, tmp_path / "x.parquet")
+        found[name] = (size, cache_size.fidelity(t_logp, s_logits, ids, decoded, chunk=16))
+    exact = found["shard: int32 ids, float32 log-probs, tail"][1]
+    assert exact["kl_bins"] < 1e-10 and exact["loss_err_vs_exact_bins"] < 1e-6
+    half = found["float16 log-probs, bss, no tail"][1]
+    assert 0 < half["kl_bins"] < 1e-4
+    assert 0 < exact["grad_cos_vs_dense"] < 1
+    # the whole vocabulary kept: nothing is truncated
+    assert cache_size.truncation_kl(t_logp, 300)["kl_trunc"] < 1e-5
