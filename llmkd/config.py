@@ -45,6 +45,8 @@ class ModelSpec:
     teacher_dtype: str = "float32"
     student_dtype: str = "float32"
     lora: dict | None = None           # peft LoraConfig fields -> train a LoRA adapter
+    teacher_server: str | None = None  # http://host:port of a vLLM server with the teacher (llmkd serve-teacher)
+    teacher_topk: int = 20             # teacher_server: top-k log-probs per position (the sparse loss's k)
 
 
 @dataclass
@@ -331,6 +333,27 @@ def _check_model(m: ModelSpec) -> None:
             check_model_dir(value, f"model.{role}")
 
 
+def check_lora_keys(lora: dict[str, Any]) -> None:
+    """model.lora keys against peft's LoraConfig fields, read from its source (importing peft
+    costs seconds) so a typo fails before any weights load."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("peft")
+    if spec is None or not spec.submodule_search_locations:
+        return        # no peft: wrap_peft says so when it runs
+    root = Path(list(spec.submodule_search_locations)[0])
+    fields: list[str] = []
+    for rel, cls in (("config.py", "PeftConfigMixin"), ("config.py", "PeftConfig"),
+                     ("tuners/lora/config.py", "LoraConfig")):
+        tree = ast.parse((root / rel).read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == cls:
+                fields += [st.target.id for st in node.body
+                           if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)]
+    if "r" in fields:      # the parse found LoraConfig: trust it
+        check_keys("model.lora.", lora, fields)
+
+
 def _check_data(d: DataSpec) -> None:
     for key in ("num_train", "num_eval", "max_length"):
         if getattr(d, key) < 1:
@@ -404,7 +427,10 @@ def check_config(raw: dict) -> dict[str, Any]:
                          f"e.g. method: {{name: {method}}}")
     method = dict(method)
     kwargs["method"] = MethodSpec(name=method.pop("name", "token_kd"), params=method)
-    get_params(kwargs["method"].name).from_dict(method)   # raises on an unknown name / bad params
+    params = get_params(kwargs["method"].name).from_dict(method)   # unknown name / bad params
+    params.check_teacher_mode(kwargs["model"].teacher_mode)
+    if kwargs["model"].lora is not None:
+        check_lora_keys(kwargs["model"].lora)
     resume = raw.pop("resume_from_checkpoint", None)   # a path, or true = the newest checkpoint
     if not isinstance(resume, (str, bool, type(None))):
         raise ValueError(f"config: resume_from_checkpoint={resume!r}; give true or a checkpoint-N path")

@@ -188,6 +188,10 @@ CASES = {
     "dtype": Case(("model.student_dtype='bf16' is unknown",), edit(**{"model.student_dtype": "bf16"})),
     "teacher-mode": Case(("model.teacher_mode='remote'",), edit(**{"model.teacher_mode": "remote"})),
     "offline-without-data": Case(("teacher_mode=offline needs data.path",), edit(**{"model.teacher_mode": "offline"})),
+    "lora-key-typo": Case(("'model.lora.rr'", "did you mean 'r'"), edit(**{"model.lora": {"rr": 8}})),
+    "offline-on-policy": Case(("method.lmbda > 0", "teacher_mode=live"),
+                              edit(**{"model.teacher_mode": "offline", "data.path": ".", "method.lmbda": 0.5})),
+    "chunk-size-negative": Case(("method.chunk_size=-1 must be >= 0",), edit(**{"method.chunk_size": -1})),
     "student-layers": Case(("model.student_layers='every_third'",), edit(**{"model.student_layers": "every_third"})),
     # data section
     "recipe-typo": Case(("data.recipe='arithmetc'", "Did you mean 'arithmetic'"), edit(**{"data.recipe": "arithmetc"})),

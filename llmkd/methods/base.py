@@ -31,6 +31,10 @@ class MethodParams:
         check_keys("method.", raw, [f.name for f in dataclasses.fields(cls)] + ["name"])
         return cls(**coerce("method.", {k: v for k, v in raw.items() if k != "name"}, cls))
 
+    def check_teacher_mode(self, teacher_mode: str) -> None:
+        """Raise for a parameter the teacher mode cannot serve ('live' or 'offline'), before
+        any weights load (e.g. on-policy samples have no offline top-k columns)."""
+
 
 @dataclass
 class HeadOutput:

@@ -37,13 +37,20 @@ class TokenKDParams(MethodParams):
                 raise ValueError(f"method.{name}={getattr(self, name)} is outside [0, 1]")
         if self.ce_weight < 0:
             raise ValueError(f"method.ce_weight={self.ce_weight} must be >= 0")
-        if self.max_new_tokens < 1 or self.chunk_size < 0:
-            raise ValueError("method.max_new_tokens must be >= 1 and method.chunk_size >= 0")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"method.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.chunk_size < 0:
+            raise ValueError(f"method.chunk_size={self.chunk_size} must be >= 0 (0 = full logits)")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"method.sampler={self.sampler!r} is unknown; use one of {SAMPLERS}")
         if not (self.gen_temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError(f"method.gen_temperature={self.gen_temperature} must be > 0 and "
                              f"method.top_p={self.top_p} in (0, 1]")
+
+    def check_teacher_mode(self, teacher_mode: str) -> None:
+        if teacher_mode == "offline" and (self.lmbda > 0 or self.seq_kd):
+            raise ValueError("config: method.lmbda > 0 / method.seq_kd need model.teacher_mode=live: "
+                             "offline top-k columns only cover the generated responses, not new samples")
 
 
 @dataclass
@@ -74,6 +81,12 @@ class RationaleParams(MethodParams):
         if "{rationale}" not in self.rationale_template or "{answer}" not in self.rationale_template:
             raise ValueError(f"method.rationale_template={self.rationale_template!r} needs both "
                              "'{rationale}' and '{answer}'")
+
+    def check_teacher_mode(self, teacher_mode: str) -> None:
+        if teacher_mode == "offline" and self.kd_weight > 0:
+            raise ValueError("config: method.kd_weight > 0 needs model.teacher_mode=live: the generated "
+                             "top-k columns belong to the teacher's CoT response, not the [rationale] "
+                             "rows; or set method.kd_weight=0")
 
     @property
     def tasks(self) -> tuple[int, ...]:
