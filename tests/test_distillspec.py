@@ -146,6 +146,9 @@ def test_taid_with_lora_and_bad_inputs(tiny_pair, tmp_path):
                        ({"alpha": -1}, "method.alpha"), ({"total_steps": -3}, "method.total_steps")]:
         with pytest.raises(ValueError, match=match):
             make_cfg(tiny_pair, tmp_path / "bad", {"name": "taid"} | bad)
+    with pytest.raises(ValueError, match="teacher_mode=live"):     # p_t needs full teacher logits
+        make_cfg(tiny_pair, tmp_path / "bad", {"name": "taid"},
+                 model={"teacher": tiny_pair[0], "teacher_mode": "offline"})
 
 
 # -- two processes ------------------------------------------------------------------------------

@@ -19,6 +19,10 @@ from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets,
 from llmkd.methods.token_kd import head_logits, shifted_mask
 from llmkd.models.head import run_head
 
+NEEDS_LIVE = ("config: method taid needs model.teacher_mode=live: p_t mixes student and teacher "
+              "logits over the whole vocabulary, which top-k log-probs (offline or served) cannot "
+              "give exactly")
+
 
 @dataclass
 class TAIDParams(MethodParams):
@@ -36,6 +40,10 @@ class TAIDParams(MethodParams):
             raise ValueError(f"method.total_steps={self.total_steps} and method.chunk_size="
                              f"{self.chunk_size} must be >= 0 (0 = automatic / full logits)")
 
+    def check_teacher_mode(self, teacher_mode: str) -> None:
+        if teacher_mode != "live":
+            raise ValueError(NEEDS_LIVE)
+
 
 class TAID(Method):
     name = "taid"
@@ -50,9 +58,7 @@ class TAID(Method):
     def attach(self, teacher: "torch.nn.Module | None", student: "torch.nn.Module", *,
                chunked_head_ok: bool) -> None:
         if teacher is None:
-            raise ValueError("method taid needs the teacher's full logits (p_t mixes student and "
-                             "teacher logits over the whole vocabulary), which offline top-k log-probs "
-                             "cannot give exactly: set model.teacher_mode=live")
+            raise ValueError(NEEDS_LIVE)
         super().attach(teacher, student, chunked_head_ok=chunked_head_ok)
 
     def on_train_begin(self, total_steps: int) -> None:
