@@ -238,3 +238,18 @@ def test_cli_taid_with_lora_and_distillspec_then_speculative_eval(tiny_pair, tmp
                  "--num-examples", "2", "--max-new-tokens", "6", "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "teacher+distillspec" / "arithmetic" / "metrics.json").read_text())
     assert m["identical_outputs"] == 2 and m["gamma"] == 4
+
+
+def test_taid_chunked_path_equals_full_logits(tiny_pair, tmp_path):
+    """One SGD step (lr 1: the update is the gradient) through the chunked head and through full
+    logits gives the same weights; the chunked run never asks the model for full logits."""
+    weights = []
+    for chunk in (4, 0):
+        trainer = build_trainer(make_cfg(tiny_pair, tmp_path / f"c{chunk}", TAID | {"chunk_size": chunk,
+                                         "total_steps": 5}, max_steps=1, optim="sgd", learning_rate=1.0,
+                                         max_grad_norm=0.0, lr_scheduler_type="constant"))
+        assert trainer.method.wants_hidden() == (chunk > 0)
+        trainer.train()
+        weights.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], atol=1e-5, rtol=1e-4)

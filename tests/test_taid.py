@@ -160,3 +160,49 @@ def test_state_round_trip_continues_the_same_trajectory() -> None:
     assert rest == ref[17:]                              # bit-identical, not approximately
     with pytest.raises(ValueError, match="prev_loss"):
         resumed.load_state_dict({"t": 0.5, "momentum": 0.0})
+
+
+# -- chunked: lm_head applied chunk by chunk, never (N, V) logits ----------------------------------
+def softcapped(h: torch.Tensor, w: torch.Tensor, b, scale: float, cap) -> torch.Tensor:
+    z = (h @ w.T + (0 if b is None else b)) * scale
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
+@pytest.mark.parametrize("head", ["plain", "bias-scale-softcap"])
+@pytest.mark.parametrize("t", [0.0, 0.4, 0.85, 1.0])
+def test_chunked_taid_equals_dense_formula(t: float, head: str) -> None:
+    from llmkd.losses import chunked_divergence
+
+    n, hs, ht, v = 11, 6, 8, 23
+    g = torch.Generator().manual_seed(3)
+    h_s, w_s = torch.randn(n, hs, generator=g, dtype=torch.float64), torch.randn(v, hs, generator=g, dtype=torch.float64)
+    h_t, w_t = torch.randn(n, ht, generator=g, dtype=torch.float64), torch.randn(v, ht, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, generator=g) > 0.25
+    extra = head != "plain"
+    b_s = torch.randn(v, generator=g, dtype=torch.float64) if extra else None
+    kw_head = dict(student_bias=b_s, student_scale=0.7, student_softcap=5.0, teacher_scale=1.3,
+                   teacher_softcap=4.0) if extra else {}
+    leaves = [x.clone().requires_grad_() for x in (h_s, w_s)] + ([b_s.clone().requires_grad_()] if extra else [])
+    for chunk in (1, 4, 64):
+        xs = [x.detach().clone().requires_grad_() for x in leaves]
+        got = chunked_divergence(xs[0], xs[1], h_t, w_t, "taid", taid_t=t, mask=mask, num_items=13,
+                                 chunk_size=chunk, **(kw_head | ({"student_bias": xs[2]} if extra else {})))
+        got_grads = torch.autograd.grad(got, xs)
+        ys = [x.detach().clone().requires_grad_() for x in leaves]
+        zs = softcapped(ys[0], ys[1], ys[2] if extra else None, 0.7 if extra else 1.0, 5.0 if extra else None)
+        zt = softcapped(h_t, w_t, None, 1.3 if extra else 1.0, 4.0 if extra else None)
+        want = naive_taid(zs, zt, t, mask=mask.double(), num_items=13)
+        want_grads = torch.autograd.grad(want, ys)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_chunked_taid_needs_t() -> None:
+    from llmkd.losses import chunked_divergence
+
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="taid_t"):
+        chunked_divergence(h, w, h, w, "taid")
+    with pytest.raises(ValueError, match="t=2.0"):
+        chunked_divergence(h, w, h, w, "taid", taid_t=2.0)

@@ -50,6 +50,10 @@ def _fused_loss_and_grad(
             return s.new_zeros(s.shape[0]), None, 0.0
         kind = kind[5:]
     q = torch.exp(s, out=b3)
+    if kind == "taid":  # CE(p_t, q), p_t = softmax((1-t) s + t t_T), t in the beta slot; g = q - p_t
+        log_pt = torch.log_softmax(torch.lerp(s, t, beta, out=b4), dim=-1, out=t)
+        p_t = torch.exp(log_pt, out=b4)
+        return -_rowdot(p_t, s, t), q.sub_(p_t), 1.0
     if kind == "rkl":  # sum q (s - t); a = s - t (+1, cancels)
         d = s.sub_(t)
         loss = _rowdot(q, d, t)
@@ -186,6 +190,7 @@ def chunked_divergence(
     teacher_scale: float = 1.0,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    taid_t: float | None = None,
 ) -> torch.Tensor:
     """Mean divergence of ``softcap(scale * (hidden @ weight.T + bias))`` logits, chunk by chunk.
 
@@ -194,9 +199,18 @@ def chunked_divergence(
     reduction="mean")`` on those logits: the sum over unmasked tokens divided by ``num_items``
     (global token count, for grad accumulation) or the mask count. Masked rows are dropped before
     any projection. Gradients reach the student hidden states, weight and bias only;
-    half-precision inputs are computed in float32.
+    half-precision inputs are computed in float32. ``kind="taid"`` is TAID's CE(p_t, q) at
+    interpolation ``taid_t`` (equals `llmkd.losses.taid_loss` on those logits).
     """
-    check_params(kind, beta, lam, temperature)
+    if kind == "taid":
+        from llmkd.losses.taid import check_t
+
+        if taid_t is None:
+            raise ValueError("kind='taid' needs taid_t, the interpolation t in [0, 1]")
+        check_params("fkl", beta, lam, temperature)
+        beta = check_t(taid_t)   # the per-chunk kernel reads t from the beta slot
+    else:
+        check_params(kind, beta, lam, temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     for name, value in (("student_scale", student_scale), ("teacher_scale", teacher_scale),

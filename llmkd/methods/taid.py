@@ -17,7 +17,7 @@ from llmkd.losses import TAIDSchedule, taid_loss
 from llmkd.losses.taid import check_schedule
 from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets, as_mean
 from llmkd.methods.token_kd import head_logits, shifted_mask
-from llmkd.models.head import run_head
+from llmkd.models.head import chunked_divergence_heads, run_head
 
 NEEDS_LIVE = ("config: method taid needs model.teacher_mode=live: p_t mixes student and teacher "
               "logits over the whole vocabulary, which top-k log-probs (offline or served) cannot "
@@ -74,7 +74,7 @@ class TAID(Method):
         return self.schedule.t
 
     def wants_hidden(self) -> bool:
-        return False
+        return self.chunked_head_ok and self.params.chunk_size > 0
 
     def teacher_targets(self, batch: dict[str, torch.Tensor]) -> TeacherTargets:
         return TeacherTargets(output=run_head(self.teacher, batch, hidden=self.wants_hidden(),
@@ -83,8 +83,14 @@ class TAID(Method):
     def loss(self, student: HeadOutput, targets: TeacherTargets, batch: dict[str, torch.Tensor],
              num_items: torch.Tensor | int | None) -> tuple[torch.Tensor, dict[str, float]]:
         mask = shifted_mask(batch["labels"])
-        loss = taid_loss(head_logits(student)[:, :-1], head_logits(targets.output)[:, :-1],
-                         self.schedule.t, mask=mask, num_items=num_items)
+        t = targets.output
+        if student.logits is None and t.logits is None:   # chunked: never (B, S, V) logits
+            loss = chunked_divergence_heads(student.hidden[:, :-1], student.head, t.hidden[:, :-1],
+                                            t.head, "taid", taid_t=self.schedule.t, mask=mask,
+                                            num_items=num_items, chunk_size=self.params.chunk_size)
+        else:
+            loss = taid_loss(head_logits(student)[:, :-1], head_logits(t)[:, :-1], self.schedule.t,
+                             mask=mask, num_items=num_items)
         return loss, {"taid_ce": as_mean(loss, num_items, mask), "taid_t": self.schedule.t}
 
     def on_step_end(self, step: int, step_loss: float) -> None:
