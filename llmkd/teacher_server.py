@@ -1,0 +1,186 @@
+"""A teacher behind a vLLM OpenAI-compatible server (`model.teacher_server: URL`).
+
+A teacher too big to sit beside the student runs on its own machine(s) under vLLM; the trainer
+sends token ids (prompt + response) to `/v1/completions` with `prompt_logprobs=k` and gets the
+teacher's top-k log-probs at every position, which it lays on the label positions exactly like the
+offline top-k columns of `llmkd generate` (`DistillCollator`): the sparse top-k + tail loss then
+runs for any divergence, on dataset and on sampled (on-policy) responses alike.
+
+Requests carry several sequences each and run on a thread pool, so they overlap each other and
+the student's forward (`submit` returns at once). A failing server is retried with exponential
+backoff, a bounded number of times, then a `TeacherServerError` names the URL and what to do.
+Only the standard library talks HTTP; torch is imported where tensors are built.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+PROBE_TEXT = "The answer is 42, naïve café: 3.14 + x_1\n"
+RETRY_HTTP = {408, 429, 500, 502, 503, 504}
+
+
+class TeacherServerError(ConnectionError):
+    """The teacher server cannot be reached or refused a request."""
+
+
+def check_teacher_server(url: str, topk: int) -> None:
+    """Config-time checks (no network): an http(s) URL with a host, and k >= 1."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"config: model.teacher_server={url!r} is not an http(s) URL; give the "
+                         "vLLM server's address, e.g. http://teacher-node:8000")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"config: model.teacher_topk={topk!r} must be an integer >= 1 (e.g. 20)")
+
+
+class ServedTeacher:
+    """Client of one teacher server. `topk` log-probs per position (> 20 needs the server's
+    `--max-logprobs` >= k, which `llmkd serve-teacher` sets); `retries` attempts after the first,
+    waiting `backoff`, 2x`backoff`, 4x`backoff`, ... seconds."""
+
+    def __init__(self, url: str, topk: int = 20, *, timeout: float = 300.0, retries: int = 5,
+                 backoff: float = 1.0, concurrency: int = 4, sequences_per_request: int = 8) -> None:
+        check_teacher_server(url, topk)
+        self.url = url.rstrip("/")
+        self.topk = topk
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.sequences_per_request = sequences_per_request
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="llmkd-teacher")
+        self._model: dict[str, Any] | None = None
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    def _request(self, path: str, payload: dict | None = None) -> dict:
+        """GET (payload None) or POST JSON, with bounded retries on connection errors, timeouts
+        and 5xx / 429; other HTTP errors fail at once with the server's message."""
+        data = None if payload is None else json.dumps(payload).encode()
+        last: BaseException | None = None
+        started = time.monotonic()
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            req = urllib.request.Request(self.url + path, data=data,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                body = err.read().decode(errors="replace")[:500]
+                if err.code not in RETRY_HTTP:
+                    hint = (f"; the server allows fewer log-probs than model.teacher_topk={self.topk}: "
+                            f"start it with --max-logprobs {self.topk} (llmkd serve-teacher does)"
+                            if "logprobs" in body else "")
+                    raise TeacherServerError(f"teacher server {self.url} refused {path} "
+                                             f"(HTTP {err.code}: {body}){hint}") from err
+                last = err
+            except (urllib.error.URLError, OSError, TimeoutError) as err:   # refused, reset, timeout
+                last = err
+        raise TeacherServerError(
+            f"teacher server {self.url} did not answer {path} after {self.retries + 1} attempts over "
+            f"{time.monotonic() - started:.0f} s (last error: {last}); check that it is running and "
+            "reachable (llmkd serve-teacher CONFIG starts one), then resume the run with "
+            "--set resume_from_checkpoint=true") from last
+
+    def model_info(self) -> dict[str, Any]:
+        """The served model's id and max_model_len (`/v1/models`, asked once)."""
+        if self._model is None:
+            models = self._request("/v1/models").get("data") or []
+            if not models:
+                raise TeacherServerError(f"teacher server {self.url} serves no model")
+            self._model = models[0]
+        return self._model
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Token-level KD needs one tokenizer: the server's must encode a probe text like ours.
+        Also the first contact, so a missing server fails before training starts."""
+        served = self._request("/tokenize", {"model": self.model_info()["id"], "prompt": PROBE_TEXT,
+                                             "add_special_tokens": False}).get("tokens")
+        ours = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        if served != ours:
+            raise ValueError(f"the teacher at model.teacher_server={self.url} tokenizes differently from "
+                             f"the student ({served[:8]}... vs {ours[:8]}...); token-level KD needs one "
+                             "shared tokenizer")
+
+    # -- top-k log-probs ------------------------------------------------------------------------
+    def submit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               labels: torch.Tensor) -> Future:
+        """Start the requests for a right-padded batch; the Future gives (ids, log-probs), each
+        (B, S, k), with the teacher's top-k for the token at each label position (the
+        distribution that predicts it), as the offline top-k columns lay them."""
+        lengths = attention_mask.sum(-1).tolist()
+        seqs = [row[:n].tolist() for row, n in zip(input_ids.cpu(), lengths)]
+        positions = [[j for j in range(n) if lab[j] != -100 and j > 0]
+                     for lab, n in zip(labels.cpu().tolist(), lengths)]
+        limit = self.model_info().get("max_model_len")
+        if limit is not None and max(lengths, default=0) + 1 > limit:
+            raise ValueError(f"a sequence of {max(lengths)} tokens does not fit the teacher server's "
+                             f"max_model_len={limit} (one more token is generated); restart it with "
+                             "a larger --max-model-len or lower data.max_length")
+        step = self.sequences_per_request
+        parts = [self._pool.submit(self._topk_rows, seqs[i:i + step], positions[i:i + step])
+                 for i in range(0, len(seqs), step)]
+        out: Future = Future()
+        shape = tuple(input_ids.shape)
+
+        def assemble(_: Future) -> None:
+            if out.done() or not all(p.done() for p in parts):
+                return
+            try:
+                rows = [r for p in parts for r in p.result()]
+                out.set_result(self._tensors(rows, positions, shape))
+            except BaseException as err:   # noqa: BLE001 - handed to the caller's result()
+                out.set_exception(err)
+
+        for p in parts:
+            p.add_done_callback(assemble)
+        return out
+
+    def _topk_rows(self, seqs: list[list[int]], positions: list[list[int]]
+                   ) -> list[list[tuple[list[int], list[float]]]]:
+        """One request for a few sequences: per sequence, (ids, log-probs) at each wanted position."""
+        reply = self._request("/v1/completions", {
+            "model": self.model_info()["id"], "prompt": seqs, "max_tokens": 1, "temperature": 0.0,
+            "prompt_logprobs": self.topk})
+        choices = sorted(reply["choices"], key=lambda c: c["index"])
+        if len(choices) != len(seqs):
+            raise TeacherServerError(f"teacher server {self.url} answered {len(choices)} of "
+                                     f"{len(seqs)} sequences")
+        out = []
+        for choice, wanted in zip(choices, positions):
+            per_pos = choice["prompt_logprobs"]
+            rows = []
+            for j in wanted:
+                # top-k by rank; vLLM adds the actual token when it is outside the top-k
+                entries = sorted((v["rank"], -v["logprob"], int(t)) for t, v in per_pos[j].items()
+                                 if v["rank"] <= self.topk)[:self.topk]
+                rows.append(([t for _, _, t in entries], [-nlp for _, nlp, _ in entries]))
+            out.append(rows)
+        return out
+
+    def _tensors(self, rows: list[list[tuple[list[int], list[float]]]], positions: list[list[int]],
+                 shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        b, s = shape
+        k = self.topk
+        ids = torch.zeros((b, s, k), dtype=torch.long)
+        # like DistillCollator: non-label positions get a finite uniform row (the loss masks them)
+        logprobs = torch.full((b, s, k), -math.log(k), dtype=torch.float32)
+        for i, (row, wanted) in enumerate(zip(rows, positions)):
+            for j, (tok, lp) in zip(wanted, row):
+                pad = k - len(tok)        # fewer than k tokens in the vocabulary: -1 = empty slot
+                ids[i, j] = torch.tensor(tok + [-1] * pad)
+                logprobs[i, j] = torch.tensor(lp + [0.0] * pad)
+        return ids, logprobs
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

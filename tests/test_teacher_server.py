@@ -1,0 +1,219 @@
+"""A served teacher (`model.teacher_server`): a real vLLM OpenAI server on the embedded SmolLM2
+teacher, started once for the module by `llmkd serve-teacher` on 127.0.0.1 (a free port) and
+stopped at the end. Its top-k equals the teacher's own log_softmax, training against it lowers the
+KD loss, and a server that dies mid-run gives bounded retries, a clear error, and an intact
+checkpoint. The kill test runs last: it takes the module's server down."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from llmkd.teacher_server import ServedTeacher, TeacherServerError, check_teacher_server  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+K = 25                       # more than vLLM's default max_logprobs (20)
+START_TIMEOUT = 600          # a cold server on 2 busy cores: imports dominate
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir() -> Path:
+    from llmkd.models.embedded import embedded_teacher_dir
+
+    return embedded_teacher_dir()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, teacher_dir):
+    """(url, process) of `llmkd serve-teacher` for a config naming the embedded teacher."""
+    tmp = tmp_path_factory.mktemp("served")
+    url = f"http://127.0.0.1:{_free_port()}"
+    config = tmp / "distill.yaml"
+    config.write_text(json.dumps({"model": {"teacher": "embedded", "teacher_server": url, "teacher_topk": K},
+                                  "data": {"recipe": "arithmetic", "max_length": 256}}))
+    log = open(tmp / "server.log", "w")
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "llmkd.serve_cli", str(config)], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the teacher server did not start in time"
+            time.sleep(2)
+        yield url, proc
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server's process group (API server, engine core, worker) that this module started."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _batch(tokenizer, pairs: list[tuple[str, str]]):
+    """Right-padded (input_ids, attention_mask, labels): chat prompt + response, labels on the response."""
+    rows = []
+    for q, a in pairs:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                               tokenize=False)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((p, r))
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, (p, r) in enumerate(rows):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, :len(p) + len(r)] = 1
+        labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
+    return ids, mask, labels
+
+
+def test_config_checks_need_no_server():
+    with pytest.raises(ValueError, match="model.teacher_server='teacher:8000' is not an http"):
+        check_teacher_server("teacher:8000", 20)
+    with pytest.raises(ValueError, match="model.teacher_topk=0"):
+        check_teacher_server("http://127.0.0.1:8000", 0)
+
+
+def test_served_topk_equals_the_teachers_log_softmax(server, teacher_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkd.models.tiny import tiny_tokenizer
+
+    url, _ = server
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    client = ServedTeacher(url, K)
+    client.check_tokenizer(tok)
+    with pytest.raises(ValueError, match=f"teacher at model.teacher_server={url} tokenizes differently"):
+        client.check_tokenizer(tiny_tokenizer())
+    ids, mask, labels = _batch(tok, [("What is 3 + 4?", "3 + 4 = 7."),
+                                     ("Name a colour.", "Blue is a colour that many people like."),
+                                     ("Say hi.", "Hi!")])
+    got_ids, got_lp = client.submit(ids, mask, labels).result()
+    assert got_ids.shape == got_lp.shape == (*ids.shape, K)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = model(input_ids=ids, attention_mask=mask).logits.double().log_softmax(-1)
+    label_pos = labels != -100
+    for i, j in label_pos.nonzero().tolist():    # position j holds the distribution of token j
+        ref = logp[i, j - 1]
+        assert torch.allclose(got_lp[i, j].double(), ref.topk(K).values, atol=1e-4)
+        assert torch.allclose(got_lp[i, j].double(), ref[got_ids[i, j]], atol=1e-4)
+        assert (got_lp[i, j][:-1] >= got_lp[i, j][1:]).all()
+    # elsewhere: the collator's neutral filler, masked out by the loss
+    assert (got_ids[~label_pos] == 0).all()
+    assert torch.allclose(got_lp[~label_pos], torch.full_like(got_lp[~label_pos], -math.log(K)))
+    client.close()
+
+
+def _tiny_student(teacher_dir: Path, out: Path) -> Path:
+    """A 1-layer random Llama on the teacher's tokenizer (49,152 tokens): a cheap student."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from llmkd.models.tiny import tiny_config
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    torch.manual_seed(0)
+    cfg = tiny_config(len(tok), layers=1, hidden=64)
+    cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    cfg.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _trainer(url: str, student_dir: Path, out: Path, *, retries: int = 5, **over):
+    """DistillationTrainer whose token_kd gets its targets from the server (no teacher model)."""
+    from llmkd.config import config_from_dict
+    from llmkd.models.student import load_causal_lm
+    from llmkd.pipeline import build_datasets, load_tokenizer
+    from llmkd.trainer import DistillationTrainer, build_method
+
+    method_cfg = {"name": "token_kd", "kind": "fkl", **over.pop("method", {})}
+    cfg = config_from_dict({
+        "output_dir": str(out), "max_steps": 12, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
+        "use_cpu": True, "save_strategy": "no", "seed": 0, "disable_tqdm": True, "logging_steps": 1,
+        "report_to": "none", "lr_scheduler_type": "constant",
+        "model": {"teacher": "embedded", "student": str(student_dir), "teacher_server": url,
+                  "teacher_topk": K},
+        "data": {"recipe": "arithmetic", "num_train": 24, "num_eval": 8, "max_length": 256},
+        "method": method_cfg, **over})
+    tok = load_tokenizer(str(student_dir))
+    params = {k: v for k, v in method_cfg.items() if k != "name"}
+    method = build_method("token_kd", params, tok)
+    method.teacher_server = ServedTeacher(url, K, retries=retries, backoff=0.2)
+    train, evals = build_datasets(cfg, method)
+    return DistillationTrainer(model=load_causal_lm(student_dir), args=cfg, teacher=None, method=method,
+                               processing_class=tok, train_dataset=train, eval_dataset=evals)
+
+
+def test_training_with_the_served_teacher_lowers_the_kd_loss(server, teacher_dir, tmp_path):
+    url, _ = server
+    student = _tiny_student(teacher_dir, tmp_path / "student")
+    # half the batches are the student's own samples, scored by the server (on-policy)
+    trainer = _trainer(url, student, tmp_path / "run", method={"lmbda": 0.5, "max_new_tokens": 8})
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < 0.7 * before, (before, after)
+    sources = [h["on_policy"] for h in trainer.state.log_history if "on_policy" in h]
+    assert 0 < sum(sources) < len(sources), sources
+
+
+def test_server_killed_mid_run_retries_then_fails_clearly_keeping_the_checkpoint(server, teacher_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from llmkd.checkpoint import find_checkpoint
+
+    url, proc = server
+    student = _tiny_student(teacher_dir, tmp_path / "student")
+    out = tmp_path / "run"
+    trainer = _trainer(url, student, out, retries=2, save_strategy="steps", save_steps=2, max_steps=20)
+
+    class KillServer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                _stop(proc)
+
+    trainer.add_callback(KillServer())
+    with pytest.raises(TeacherServerError, match=f"teacher server {url} did not answer /v1/completions "
+                                                 "after 3 attempts"):
+        trainer.train()
+    assert trainer.state.global_step == 3
+    newest, skipped = find_checkpoint(out)
+    assert newest == out / "checkpoint-2" and not skipped
+    restored = AutoModelForCausalLM.from_pretrained(newest)
+    assert restored.config.vocab_size == trainer.model.config.vocab_size
