@@ -240,10 +240,14 @@ def build_method(name: str, params: dict[str, Any], student_tokenizer: PreTraine
 
 
 class _MethodStepCallback(TrainerCallback):
-    """Calls the method's on_step_end after each optimizer step (the Trainer's own hook point)."""
+    """The method's hooks at the Trainer's own points: the run's length before the first step,
+    on_step_end after each optimizer step."""
 
     def __init__(self, trainer: DistillationTrainer) -> None:
         self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.method.on_train_begin(state.max_steps)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._finish_step()

@@ -238,3 +238,15 @@ def test_lora_student_keeps_its_generation_config(tiny_pair, tmp_path):
     gc = trainer.model.get_base_model().generation_config
     assert (gc.top_k, gc.repetition_penalty) == (20, 1.3)
     assert "generation_config" not in trainer.model.__dict__
+
+
+def test_on_train_begin_gives_the_run_length(tiny_pair, tmp_path):
+    """TAID with total_steps 0 takes the run's max_steps from the protocol: its linear floor
+    reaches t_end exactly at the last step."""
+    trainer = build_trainer(make_cfg(tiny_pair, tmp_path / "run", max_steps=3,
+                                     method={"name": "taid", "total_steps": 0}))
+    trainer.train()
+    assert trainer.method.schedule.total_steps == 3
+    ts = [h["taid_t"] for h in trainer.state.log_history if "taid_t" in h]
+    assert len(ts) == 3 and ts[0] == pytest.approx(0.4)          # the t each step trained with
+    assert ts[1] >= 0.6 - 1e-9 and ts[2] >= 0.8 - 1e-9 and trainer.method.t == pytest.approx(1.0)

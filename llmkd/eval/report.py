@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 EXTRA_COLUMNS = {"kl_to_teacher": "KL to teacher", "acceptance_rate": "α (acceptance)",
-                 "block_efficiency": "τ (block eff.)"}
+                 "block_efficiency": "τ (block eff.)", "tokens_per_target_call": "tokens / target call",
+                 "speedup": "speed-up vs target alone"}
 TRAIN_LOGS = ("trainer_state.json", "log_history.json")
 # Trainer bookkeeping, not curves: the x axis, and the one-off end-of-training summary.
 NOT_CURVES = {"step", "epoch", "total_flos", "train_runtime", "train_samples_per_second",

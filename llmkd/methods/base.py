@@ -65,6 +65,7 @@ class Method:
       attach(teacher, student, chunked_head_ok)      once the models are placed
       per micro-batch: response_source -> [sampling + sampled_batch] -> count_items ->
                        teacher_targets -> loss
+      on_train_begin(total_steps)                    once, before the first step
       on_step_end(step, step_loss)                   after each optimizer step, same on all ranks
       state_dict / load_state_dict                   checkpoints
     """
@@ -175,6 +176,9 @@ class Method:
         """Return (loss, metrics to log). `num_items` = loss items of the accumulated batch over
         all ranks (`count_items`); metrics are plain means over this micro-batch."""
         raise NotImplementedError
+
+    def on_train_begin(self, total_steps: int) -> None:
+        """The run's number of optimizer steps, before the first one (e.g. a schedule's length)."""
 
     def on_step_end(self, step: int, step_loss: float) -> None:
         """After an optimizer step: `step_loss` is that step's loss summed over its micro-batches

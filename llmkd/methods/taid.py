@@ -53,7 +53,6 @@ class TAID(Method):
         super().__init__(params)
         self.schedule = TAIDSchedule(params.t_start, params.t_end, params.alpha, params.beta,
                                      total_steps=params.total_steps or 1)
-        self._total_known = params.total_steps > 0
 
     def attach(self, teacher: "torch.nn.Module | None", student: "torch.nn.Module", *,
                chunked_head_ok: bool) -> None:
@@ -67,7 +66,6 @@ class TAID(Method):
             check_schedule(self.params.t_start, self.params.t_end, self.params.alpha,
                            self.params.beta, total_steps)
             self.schedule.total_steps = int(total_steps)
-            self._total_known = True
 
     @property
     def t(self) -> float:
@@ -94,9 +92,6 @@ class TAID(Method):
         return loss, {"taid_ce": as_mean(loss, num_items, mask), "taid_t": self.schedule.t}
 
     def on_step_end(self, step: int, step_loss: float) -> None:
-        if not self._total_known:
-            raise ValueError("method.total_steps is 0 and the trainer did not report the run's number "
-                             "of optimizer steps; set method.total_steps (e.g. to max_steps)")
         self.schedule.update(step_loss, step)
 
     def state_dict(self) -> dict[str, Any]:
