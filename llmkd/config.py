@@ -298,6 +298,12 @@ def _check_training_values(top: dict[str, Any], choices: dict[str, tuple[str, ..
         raise ValueError(f"config: output_dir={top.get('output_dir')!r} must be a directory path")
 
 
+def teacher_mode(m: ModelSpec) -> str:
+    """'live' (a model in this process), 'offline' (top-k columns in the data) or 'served'
+    (top-k from a vLLM server at model.teacher_server)."""
+    return "served" if m.teacher_server else m.teacher_mode
+
+
 def _check_model(m: ModelSpec) -> None:
     if m.teacher_mode not in ("live", "offline"):
         raise ValueError(f"config: model.teacher_mode={m.teacher_mode!r}; use 'live' or 'offline'")
@@ -317,9 +323,14 @@ def _check_model(m: ModelSpec) -> None:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     loads = {"teacher": m.teacher if (m.teacher_mode == "live" or m.student is None) else None,
              "student": m.student}
+    if m.teacher_server and not str(m.teacher_server).startswith(("http://", "https://")):
+        raise ValueError(f"config: model.teacher_server={m.teacher_server!r}; give the server's URL, "
+                         "e.g. http://teacher-node:8000 (started by `llmkd serve-teacher CONFIG`)")
     for role, value in (("teacher", m.teacher), ("student", m.student)):
         if value is None or value == "embedded":   # llmkd converts and checks its own teacher
             continue
+        if role == "teacher" and m.teacher_server and m.student is not None:
+            continue   # served: the teacher's files may live on the server's machine only
         if not Path(value).expanduser().exists():
             if HUB_ID.match(value) and not offline and not value.startswith((".", "/", "~")):
                 continue   # a hub id: resolved by from_pretrained
@@ -428,7 +439,7 @@ def check_config(raw: dict) -> dict[str, Any]:
     method = dict(method)
     kwargs["method"] = MethodSpec(name=method.pop("name", "token_kd"), params=method)
     params = get_params(kwargs["method"].name).from_dict(method)   # unknown name / bad params
-    params.check_teacher_mode(kwargs["model"].teacher_mode)
+    params.check_teacher_mode(teacher_mode(kwargs["model"]))
     if kwargs["model"].lora is not None:
         check_lora_keys(kwargs["model"].lora)
     resume = raw.pop("resume_from_checkpoint", None)   # a path, or true = the newest checkpoint

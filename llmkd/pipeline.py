@@ -10,7 +10,7 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from llmkd.config import DistillationConfig
+from llmkd.config import DistillationConfig, teacher_mode
 from llmkd.data.recipes import load_recipe
 from llmkd.methods.base import Method
 from llmkd.models.embedded import resolve_model_name
@@ -78,7 +78,8 @@ def build_models(cfg: DistillationConfig) -> tuple[PreTrainedModel | None, PreTr
     m = cfg.model
     zero3 = _start_zero3_comm()
     teacher = None
-    if m.teacher is not None and (m.teacher_mode == "live" or m.student is None):
+    live = teacher_mode(m) == "live"
+    if m.teacher is not None and (live or m.student is None):
         teacher = load_causal_lm(resolve_model_name(m.teacher), dtype=m.teacher_dtype)
     if m.student is not None:
         student = load_causal_lm(resolve_model_name(m.student), dtype=m.student_dtype)
@@ -96,7 +97,7 @@ def build_models(cfg: DistillationConfig) -> tuple[PreTrainedModel | None, PreTr
                 set_hf_deepspeed_config(cfg.hf_deepspeed_config)
     else:
         student = derive_student(teacher, m.student_layers).to(getattr(torch, m.student_dtype))
-    if m.teacher_mode == "offline":
+    if not live:          # offline / served: the teacher was only loaded to derive the student
         teacher = None
     if m.lora:
         student = wrap_peft(student, m.lora)
@@ -127,9 +128,16 @@ def build_trainer(cfg: DistillationConfig):
     m = cfg.model
     student_tok = load_tokenizer(resolve_model_name(m.student if m.student is not None else m.teacher))
     teacher_tok = None
-    if m.teacher is not None and m.teacher_mode == "live":
+    if m.teacher is not None and teacher_mode(m) == "live":
         teacher_tok = load_tokenizer(resolve_model_name(m.teacher))
     method = build_method(cfg.method.name, cfg.method.params, student_tok, teacher_tok)
+    if m.teacher_server:
+        if not hasattr(method, "teacher_server"):
+            raise ValueError(f"config: model.teacher_server is set but method.name={cfg.method.name!r} "
+                             "needs the teacher's full logits; use token_kd / distillspec, or a live teacher")
+        from llmkd.teacher_server import ServedTeacher
+
+        method.teacher_server = ServedTeacher(m.teacher_server, m.teacher_topk)
     if cfg.data.path and is_generated_dir(cfg.data.path):
         check_generated_tokenizer(cfg.data.path, student_tok)
     train, evals = build_datasets(cfg, method)

@@ -155,15 +155,10 @@ def _tiny_student(teacher_dir: Path, out: Path) -> Path:
     return out
 
 
-def _trainer(url: str, student_dir: Path, out: Path, *, retries: int = 5, **over):
-    """DistillationTrainer whose token_kd gets its targets from the server (no teacher model)."""
+def _config(url: str, student_dir: Path, out: Path, method_cfg: dict, **over):
     from llmkd.config import config_from_dict
-    from llmkd.models.student import load_causal_lm
-    from llmkd.pipeline import build_datasets, load_tokenizer
-    from llmkd.trainer import DistillationTrainer, build_method
 
-    method_cfg = {"name": "token_kd", "kind": "fkl", **over.pop("method", {})}
-    cfg = config_from_dict({
+    return config_from_dict({
         "output_dir": str(out), "max_steps": 12, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
         "use_cpu": True, "save_strategy": "no", "seed": 0, "disable_tqdm": True, "logging_steps": 1,
         "report_to": "none", "lr_scheduler_type": "constant",
@@ -171,6 +166,16 @@ def _trainer(url: str, student_dir: Path, out: Path, *, retries: int = 5, **over
                   "teacher_topk": K},
         "data": {"recipe": "arithmetic", "num_train": 24, "num_eval": 8, "max_length": 256},
         "method": method_cfg, **over})
+
+
+def _trainer(url: str, student_dir: Path, out: Path, *, retries: int = 5, **over):
+    """A trainer built by hand, to give the client short retries (no teacher model)."""
+    from llmkd.models.student import load_causal_lm
+    from llmkd.pipeline import build_datasets, load_tokenizer
+    from llmkd.trainer import DistillationTrainer, build_method
+
+    method_cfg = {"name": "token_kd", "kind": "fkl", **over.pop("method", {})}
+    cfg = _config(url, student_dir, out, method_cfg, **over)
     tok = load_tokenizer(str(student_dir))
     params = {k: v for k, v in method_cfg.items() if k != "name"}
     method = build_method("token_kd", params, tok)
@@ -183,8 +188,13 @@ def _trainer(url: str, student_dir: Path, out: Path, *, retries: int = 5, **over
 def test_training_with_the_served_teacher_lowers_the_kd_loss(server, teacher_dir, tmp_path):
     url, _ = server
     student = _tiny_student(teacher_dir, tmp_path / "student")
-    # half the batches are the student's own samples, scored by the server (on-policy)
-    trainer = _trainer(url, student, tmp_path / "run", method={"lmbda": 0.5, "max_new_tokens": 8})
+    from llmkd.pipeline import build_trainer
+
+    # the user's path (config -> build_trainer: no teacher model loaded); half the batches are the
+    # student's own samples, scored by the server (on-policy)
+    trainer = build_trainer(_config(url, student, tmp_path / "run",
+                                    {"name": "token_kd", "kind": "fkl", "lmbda": 0.5, "max_new_tokens": 8}))
+    assert trainer.teacher is None and trainer.method.teacher_server is not None
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]

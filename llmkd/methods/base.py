@@ -32,8 +32,8 @@ class MethodParams:
         return cls(**coerce("method.", {k: v for k, v in raw.items() if k != "name"}, cls))
 
     def check_teacher_mode(self, teacher_mode: str) -> None:
-        """Raise for a parameter the teacher mode cannot serve ('live' or 'offline'), before
-        any weights load (e.g. on-policy samples have no offline top-k columns)."""
+        """Raise for a parameter the teacher mode cannot serve ('live', 'offline' or 'served'),
+        before any weights load (e.g. on-policy samples have no offline top-k columns)."""
 
 
 @dataclass

@@ -48,6 +48,9 @@ class TokenKDParams(MethodParams):
                              f"method.top_p={self.top_p} in (0, 1]")
 
     def check_teacher_mode(self, teacher_mode: str) -> None:
+        if teacher_mode == "served" and self.seq_kd:
+            raise ValueError("config: method.seq_kd samples responses from a teacher model; with "
+                             "model.teacher_server use method.lmbda (student samples) instead")
         if teacher_mode == "offline" and (self.lmbda > 0 or self.seq_kd):
             raise ValueError("config: method.lmbda > 0 / method.seq_kd need model.teacher_mode=live: "
                              "offline top-k columns only cover the generated responses, not new samples")
@@ -83,7 +86,7 @@ class RationaleParams(MethodParams):
                              "'{rationale}' and '{answer}'")
 
     def check_teacher_mode(self, teacher_mode: str) -> None:
-        if teacher_mode == "offline" and self.kd_weight > 0:
+        if teacher_mode != "live" and self.kd_weight > 0:
             raise ValueError("config: method.kd_weight > 0 needs model.teacher_mode=live: the generated "
                              "top-k columns belong to the teacher's CoT response, not the [rationale] "
                              "rows; or set method.kd_weight=0")

@@ -69,9 +69,7 @@ class TokenKD(Method):
     def attach(self, teacher: "torch.nn.Module | None", student: "torch.nn.Module", *,
                chunked_head_ok: bool) -> None:
         if self.teacher_server is not None:
-            if self.params.seq_kd:
-                raise ValueError("config: method.seq_kd samples responses from a teacher model; with "
-                                 "model.teacher_server use method.lmbda (student samples) instead")
+            self.params.check_teacher_mode("served")
             self.teacher_server.check_tokenizer(self.student_tokenizer)   # also: is it up?
         elif teacher is None and (self.params.lmbda > 0 or self.params.seq_kd):
             raise ValueError("config: method.lmbda > 0 / method.seq_kd need model.teacher_mode=live: "
