@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# Keyed by what gets installed (dependency lists + constraints), not by the rest of pyproject.
-hash=$( { "$PY" -c 'import json, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(json.dumps([p["dependencies"], p.get("optional-dependencies")], sort_keys=True))'; cat constraints/cpu.txt; } | sha256sum | cut -c1-16)
+# Keyed by what gets installed (dependency lists + constraints), not by the rest of pyproject
+# (Python 3.10 has no tomllib: the whole file is hashed there).
+hash=$( { "$PY" -c 'import json, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(json.dumps([p["dependencies"], p.get("optional-dependencies")], sort_keys=True))' 2>/dev/null || cat pyproject.toml; cat constraints/cpu.txt; } | sha256sum | cut -c1-16)
 cache_root=${LLMKD_VENV_CACHE:-$HOME/.cache/llmkd/venvs}
 venv="$cache_root/$hash"
 if [ -d .venv ] && [ ! -L .venv ] && [ "$(cat .venv/.llmkd-lock 2>/dev/null)" = "$hash" ]; then
