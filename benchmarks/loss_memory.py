@@ -46,15 +46,18 @@ def matmul_floor(h_s: "torch.Tensor", w_s: "torch.Tensor", h_t: "torch.Tensor", 
     rows = max(min(chunk_size, n), 1)
     logits_s = torch.empty(rows, vocab)
     logits_t = torch.empty(rows, vocab)
-    grad_h = torch.zeros_like(h_s)
-    grad_w = torch.zeros_like(w_s)
+    grad_h = torch.empty_like(h_s)   # every row is written once
+    grad_w = None                    # the first chunk's product, then accumulated into
     for start in range(0, n, rows):
         end = min(start + rows, n)
         ls, lt = logits_s[: end - start], logits_t[: end - start]
         torch.mm(h_s[start:end], w_s.t(), out=ls)
         torch.mm(h_t[start:end], w_t.t(), out=lt)
         torch.mm(ls, w_s, out=grad_h[start:end])
-        grad_w.addmm_(ls.t(), h_s[start:end])
+        if grad_w is None:
+            grad_w = torch.mm(ls.t(), h_s[start:end])
+        else:
+            grad_w.addmm_(ls.t(), h_s[start:end])
     return grad_h, grad_w
 
 
