@@ -8,21 +8,17 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
-from llmkd.config import config_from_dict
 from llmkd.eval.closeness import teacher_closeness
 from llmkd.losses import TAIDSchedule
 from llmkd.pipeline import build_trainer
 
+from helpers import StopAt, tiny_config
+
 
 def make_cfg(tiny_pair, out: Path, method: dict[str, Any], **over: Any):
-    teacher, student = tiny_pair
-    raw = {"output_dir": str(out), "max_steps": 6, "learning_rate": 3e-3, "per_device_train_batch_size": 4,
-           "logging_steps": 1, "use_cpu": True, "save_strategy": "no", "seed": 0, "disable_tqdm": True,
-           "model": {"teacher": teacher, "student": student},
-           "data": {"recipe": "arithmetic", "num_train": 32, "num_eval": 8}, "method": method} | over
-    return config_from_dict(raw)
+    return tiny_config(tiny_pair, out, method=method, **({"max_steps": 6, "data": {
+        "recipe": "arithmetic", "num_train": 32, "num_eval": 8}} | over))
 
 
 def closeness(trainer) -> dict[str, float]:
@@ -85,16 +81,6 @@ def test_taid_learns_and_logs_t_from_the_schedule(tiny_pair, tmp_path):
     state = trainer.method.state_dict()
     trainer.evaluate()
     assert trainer.method.state_dict() == state
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 def test_taid_resume_continues_the_same_t_trajectory(tiny_pair, tmp_path):

@@ -13,21 +13,16 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from llmkd import methods
-from llmkd.config import config_from_dict
 from llmkd.methods.base import HeadOutput, Method, MethodParams
 from llmkd.models.head import run_head
 from llmkd.pipeline import build_trainer, load_tokenizer
 from llmkd.sampling import HFSampler, SamplingSpec
 
+from helpers import tiny_config
+
 
 def make_cfg(tiny_pair, out: Path, **over: Any):
-    teacher, student = tiny_pair
-    raw = {"output_dir": str(out), "max_steps": 4, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
-           "logging_steps": 1, "use_cpu": True, "save_strategy": "no", "seed": 0, "disable_tqdm": True,
-           "model": {"teacher": teacher, "student": student},
-           "data": {"recipe": "arithmetic", "num_train": 16, "num_eval": 4},
-           "method": {"name": "token_kd"}} | over
-    return config_from_dict(raw)
+    return tiny_config(tiny_pair, out, **({"learning_rate": 1e-3, "method": {"name": "token_kd"}} | over))
 
 
 # -- a toy method: its own features, batch key, targets, state ------------------------------------

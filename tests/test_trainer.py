@@ -6,21 +6,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
-from llmkd.config import config_from_dict
 from llmkd.eval.closeness import teacher_closeness
 from llmkd.pipeline import build_trainer
 
+from helpers import StopAt, tiny_config
+
 
 def make_cfg(tiny_pair, out: Path, **over):
-    teacher, student = tiny_pair
     method = {"name": "token_kd", **over.pop("method", {})}
-    raw = {"output_dir": str(out), "max_steps": 120, "learning_rate": 3e-3, "per_device_train_batch_size": 8,
-           "logging_steps": 1000, "use_cpu": True, "save_strategy": "no", "seed": 0, "disable_tqdm": True,
-           "model": {"teacher": teacher, "student": student},
-           "data": {"recipe": "arithmetic", "num_train": 128, "num_eval": 32}, "method": method, **over}
-    return config_from_dict(raw)
+    return tiny_config(tiny_pair, out, method=method, **({"max_steps": 120, "per_device_train_batch_size": 8,
+                                                          "logging_steps": 1000,
+                                                          "data": {"recipe": "arithmetic", "num_train": 128,
+                                                                   "num_eval": 32}} | over))
 
 
 def held_out_kl(trainer) -> float:
@@ -69,18 +67,6 @@ def test_grad_accumulation_matches_one_big_batch(tiny_pair, tmp_path, chunk):
     l1 = t1.state.log_history[-1]["train_loss"]
     l2 = t2.state.log_history[-1]["train_loss"]
     assert abs(l1 - l2) < 1e-5
-
-
-class StopAt(TrainerCallback):
-    """Interrupt training after `step` optimizer steps, as a crash would (after the save)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 @pytest.mark.parametrize("method", [{"kind": "fkl"}, {"kind": "jsd", "lmbda": 0.5, "max_new_tokens": 8}],
