@@ -138,7 +138,7 @@ def build_trainer(cfg: DistillationConfig):
         from llmkd.teacher_server import ServedTeacher
 
         method.teacher_server = ServedTeacher(m.teacher_server, m.teacher_topk)
-    if cfg.data.path and is_generated_dir(cfg.data.path):
+    if cfg.data.path and is_generated_dir(cfg.data.path) and method.uses_generated_token_ids:
         check_generated_tokenizer(cfg.data.path, student_tok)
     train, evals = build_datasets(cfg, method)
     teacher, student = build_models(cfg)

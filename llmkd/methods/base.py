@@ -78,6 +78,9 @@ class Method:
     uses_num_items: ClassVar[bool] = True
     # A method that runs a live teacher says so; offline targets come from the batch instead.
     needs_live_teacher: ClassVar[bool] = True
+    # Trains on the token ids stored in `llmkd generate` shards (so their tokenizer must be the
+    # student's); False for methods that re-tokenize the response text.
+    uses_generated_token_ids: ClassVar[bool] = True
 
     def __init__(self, params: MethodParams) -> None:
         self.params = params

@@ -83,6 +83,7 @@ class CrossTokenizerParams(MethodParams):
 class CrossTokenizer(Method):
     name = "cross_tokenizer"
     Params = CrossTokenizerParams
+    uses_generated_token_ids = False     # it aligns the response *text* under both tokenizers
 
     def __init__(self, params: CrossTokenizerParams) -> None:
         super().__init__(params)
