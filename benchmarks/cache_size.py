@@ -9,7 +9,8 @@
    1 exact bf16 log-prob + a polynomial fit of the rest, ids bit-packed).
 2. Fidelity on those held-out positions, from one teacher forward over prompt + response:
      kl_bins     KL(teacher collapsed onto the stored k ids + one tail bin || the stored values read
-                 the way `llmkd.losses.sparse` reads them): what the encoding loses (0 = lossless)
+                 the way `llmkd.losses.sparse` reads them: float32, tail floored at its eps):
+                 what the encoding loses (0 = lossless)
      kl_trunc    KL(full teacher || top-k with the tail spread evenly over the other ids): what
                  keeping only k entries loses, whatever the encoding
      loss_err    relative error of the sparse forward-KL loss of a student (every other teacher
@@ -206,19 +207,20 @@ def fidelity(t_logp: Any, s_logits: Any, ids: Any, lps: Any, chunk: int = 512) -
     import torch
 
     from llmkd.losses import divergence, sparse_divergence
-    from llmkd.losses.sparse import _EMPTY
 
+    # the loss reads stored values as float32 (the collator's tensors) and floors the teacher's
+    # tail at float32 eps: a top-k that sums to >= 1 after rounding keeps a tiny tail, not none
+    eps = torch.finfo(torch.float32).eps
     kl_sum = kl_max = sparse_sum = exact_sum = dense_sum = dot = n_sparse = n_dense = 0.0
     for a in range(0, ids.shape[0], chunk):
         t = t_logp[a:a + chunk].double()
-        i, v = ids[a:a + chunk], lps[a:a + chunk].double()
+        i, v = ids[a:a + chunk], lps[a:a + chunk].float()
         exact_top = t.gather(-1, i)
-        exact_tail = torch.log1p(-exact_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-12))
+        exact_tail = torch.log1p(-exact_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-15))
         exact_bins = torch.cat([exact_top, exact_tail], -1)
-        mass = v.exp().sum(-1, keepdim=True)
-        stored_tail = torch.where(mass < 1, torch.log1p(-mass.clamp(max=1 - 1e-12)),
-                                  torch.full_like(mass, _EMPTY))
-        stored_bins = torch.cat([v, stored_tail], -1).log_softmax(-1)   # as the loss normalises
+        mass = v.double().exp().sum(-1, keepdim=True)
+        stored_tail = torch.log((1 - mass).clamp(min=eps))
+        stored_bins = torch.cat([v.double(), stored_tail], -1).log_softmax(-1)   # as the loss normalises
         kl = (exact_bins.exp() * (exact_bins - stored_bins)).sum(-1).clamp(min=0)
         kl_sum, kl_max = kl_sum + float(kl.sum()), max(kl_max, float(kl.max()))
 
@@ -228,7 +230,7 @@ def fidelity(t_logp: Any, s_logits: Any, ids: Any, lps: Any, chunk: int = 512) -
         sparse = sparse_divergence(logits, i, v, "fkl", reduction="sum")
         (g_sparse,) = torch.autograd.grad(sparse, logits)
         with torch.no_grad():
-            exact = sparse_divergence(logits, i, exact_top, "fkl", reduction="sum")
+            exact = sparse_divergence(logits, i, exact_top.float(), "fkl", reduction="sum")
         sparse_sum += float(sparse.detach())
         exact_sum += float(exact)
         dense_sum += float(dense.detach())
@@ -322,6 +324,9 @@ def main() -> None:
         for name, r in e["encodings"].items():
             print(f"  {name:44s} {r['bytes_per_token']:8.1f} {r['kl_bins']:9.1e} "
                   f"{r['loss_err_vs_exact_bins']:9.1e} {r['grad_cos_vs_dense']:9.5f}")
+        base = next(iter(e["encodings"].values()))
+        print(f"  student fKL on the stored top-{k} + tail: {base['loss_sparse']:.4f} nats/token "
+              f"vs {base['loss_dense']:.4f} against the full teacher")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(f"wrote {output}")
