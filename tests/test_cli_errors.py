@@ -173,7 +173,7 @@ CASES = {
     "save-strategy": Case(("save_strategy='sometimes' is unknown",), edit(save_strategy="sometimes")),
     "deepspeed-missing": Case(("deepspeed=", "zero9.json", "is not a file"), edit(deepspeed="zero9.json")),
     # model section
-    "model-key-typo": Case(("'teachr'", "did you mean 'teacher'"), edit(**{"model.teachr": "x"})),
+    "model-key-typo": Case(("'model.teachr'", "did you mean 'teacher'"), edit(**{"model.teachr": "x"})),
     "teacher-missing": Case(("model.teacher='/no/such/model' is not a model directory",),
                             edit(**{"model.teacher": "/no/such/model"})),
     "model-without-weights": Case(("model.student=", "has no weights"),
