@@ -24,6 +24,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 VARIANTS = ("naive", "llmkd", "trl", "floor")
 RESULTS = Path(__file__).resolve().parent / "results" / "loss_memory.json"

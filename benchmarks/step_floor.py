@@ -151,7 +151,7 @@ def build_llmkd(model_dir: str, rows: list[dict], regime: Regime, steps: int, ki
     teacher, student, tok = load_pair(model_dir)
     cfg = config_from_dict({
         "output_dir": out_dir, "overwrite_output_dir": True, "model": {"teacher": model_dir},
-        "data": {"recipe": regime.recipe},
+        "data": {"recipe": regime.recipe, "max_length": 4096},
         "method": {"name": "token_kd", "kind": kind, "beta": BETA, "chunk_size": 1024},
         "per_device_train_batch_size": regime.batch, "max_steps": steps, "learning_rate": 1e-5,
         "lr_scheduler_type": "constant", "logging_steps": steps, "save_strategy": "no",
@@ -171,8 +171,6 @@ def run_child(args: argparse.Namespace) -> dict:
         rows = length_grouped(rows, regime.batch)
     steps = -(-len(rows) // regime.batch)   # one epoch
     timer = PhaseTimer()
-    wall: list[float] = []
-    cpu: list[float] = []
     tokens: list[tuple[int, int]] = []
     profile_table = None
     t_setup = time.perf_counter()

@@ -216,7 +216,9 @@ def build_trainer(variant: str, model_dir: str, rows: list[dict], regime: Regime
         on = variant == "llmkd_on"
         cfg = config_from_dict({
             **base, "output_dir": out_dir, "overwrite_output_dir": True,
-            "model": {"teacher": model_dir}, "data": {"recipe": regime.recipe},
+            "model": {"teacher": model_dir},
+            # room for prompt + max_new_tokens: sampled sequences are cut at data.max_length
+            "data": {"recipe": regime.recipe, "max_length": 4096},
             "method": {"name": "token_kd", "kind": "jsd", "beta": BETA, "lmbda": 1.0 if on else 0.0,
                        "max_new_tokens": regime.max_new_tokens, "gen_temperature": 1.0, "top_p": 1.0,
                        "chunk_size": 1024}})
@@ -414,6 +416,8 @@ def main() -> None:
                         help="optimizer steps per variant, >= 2 (default 3; --quick: 2)")
     parser.add_argument("--quick", action="store_true", help="tiny random models, smoke run")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other regimes/pairs already in --output (re-measure some pairs)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -427,13 +431,18 @@ def main() -> None:
     output = args.output or (RESULTS.with_name("step_vs_trl_quick.json") if args.quick else RESULTS)
     results: dict[str, dict[str, dict]] = {}
     data_info: dict[str, dict] = {}
+    previous = json.loads(output.read_text()) if args.merge and output.exists() else {}
+    for name, by_variant in previous.get("results", {}).items():   # both sides of a pair or none
+        results[name] = {v: r for v, r in by_variant.items()
+                         if not (name in args.regimes and any(v in PAIRS[p] for p in args.pairs))}
+        data_info[name] = previous["regimes"][name]
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = resolve_model(args.model, args.quick, Path(tmp))
         for name in args.regimes:
             data = Path(tmp) / f"{name}.json"
             data_info[name] = write_regime_data(model_dir, regimes[name], data, cache=not args.quick)
-            results[name] = {}
+            results.setdefault(name, {})
             for pair in args.pairs:
                 for variant in PAIRS[pair]:
                     r = run_subprocess(["--child", variant, "--data", str(data),
@@ -449,6 +458,7 @@ def main() -> None:
     output.write_text(json.dumps({
         "model": "tiny (quick)" if args.quick else args.model, "steps": args.steps, "beta": BETA,
         "cpu_count": os.cpu_count(), "load_avg_1min_at_start": round(load_start, 2),
+        "merged_runs": previous.get("merged_runs", 1) + 1 if previous else 1,
         "load_avg_1min_at_end": round(os.getloadavg()[0], 2), "regimes": data_info,
         "results": results, "ratios": ratios}, indent=2))
     print(f"wrote {output}")
