@@ -191,7 +191,7 @@ def test_generate_then_distill_then_eval_cli(tiny_pair, tmp_path):
     out = tmp_path / "student"
     assert main(["distill", str(REPO / "configs/distill/rationale.yaml"),
                  "--set", f"model.teacher={teacher}", "--set", f"data.path={gen}",
-                 "--set", "data.num_eval=4", "--set", "method.keep_incorrect=true",
+                 "--set", "data.num_train=12", "--set", "data.num_eval=4", "--set", "method.keep_incorrect=true",
                  "--set", "max_steps=3", "--set", "save_strategy='no'", "--set", "disable_tqdm=true",
                  "--set", f"output_dir={out}"]) == 0
     results = json.loads((out / "eval_results.json").read_text())
