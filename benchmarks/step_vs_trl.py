@@ -17,8 +17,10 @@ Step time: median of steps 2..N (step 1 pays one-off allocations), from Trainer 
 Memory: "extra" = peak RSS during `train()` minus RSS once models, data and trainer exist
 (Linux VmHWM, reset before training). Prints a table, writes JSON, never asserts.
 
-    python benchmarks/step_vs_trl.py            # both regimes, both pairs (~5 min on 2 quiet cores)
-    python benchmarks/step_vs_trl.py --quick    # tiny random models, 1-minute smoke run
+    python benchmarks/step_vs_trl.py            # short: both pairs, long: off-policy (~4 min, 2 quiet cores)
+    python benchmarks/step_vs_trl.py --all      # + long on-policy (512 sampled tokens/row: ~10 min)
+    python benchmarks/step_vs_trl.py --regimes long --pairs on --merge   # just that pair, into the JSON
+    python benchmarks/step_vs_trl.py --quick    # tiny random models, short regime: a smoke run
 """
 from __future__ import annotations
 
@@ -411,7 +413,10 @@ def main() -> None:
     parser.add_argument("--model", default="embedded", help="teacher dir (default: embedded)")
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=None,
                         help="default: short long (--quick: short)")
-    parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=None,
+                        help="default: off on (the long regime: off, unless --all)")
+    parser.add_argument("--all", action="store_true",
+                        help="every regime x pair, long on-policy included (HF generate of 512 tokens)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per variant, >= 2 (default 3; --quick: 2)")
     parser.add_argument("--quick", action="store_true", help="tiny random models, smoke run")
@@ -427,14 +432,18 @@ def main() -> None:
         return
     regimes = QUICK_REGIMES if args.quick else REGIMES
     args.steps = args.steps or (2 if args.quick else 3)
+    # long on-policy samples 512 tokens per row through transformers' generate: minutes per step
+    skip = set() if (args.all or args.pairs or args.regimes) else {("long", "on")}
     args.regimes = args.regimes or (["short"] if args.quick else list(REGIMES))
+    args.pairs = args.pairs or list(PAIRS)
     output = args.output or (RESULTS.with_name("step_vs_trl_quick.json") if args.quick else RESULTS)
     results: dict[str, dict[str, dict]] = {}
     data_info: dict[str, dict] = {}
     previous = json.loads(output.read_text()) if args.merge and output.exists() else {}
     for name, by_variant in previous.get("results", {}).items():   # both sides of a pair or none
         results[name] = {v: r for v, r in by_variant.items()
-                         if not (name in args.regimes and any(v in PAIRS[p] for p in args.pairs))}
+                         if not (name in args.regimes and any(
+                             v in PAIRS[p] and (name, p) not in skip for p in args.pairs))}
         data_info[name] = previous["regimes"][name]
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -444,6 +453,8 @@ def main() -> None:
             data_info[name] = write_regime_data(model_dir, regimes[name], data, cache=not args.quick)
             results.setdefault(name, {})
             for pair in args.pairs:
+                if (name, pair) in skip:
+                    continue
                 for variant in PAIRS[pair]:
                     r = run_subprocess(["--child", variant, "--data", str(data),
                                         "--steps", str(args.steps)])
