@@ -8,11 +8,14 @@ Variants, each in its own subprocess so that peak RSS belongs to that variant al
          (N x H x V each) and the two gradient matmuls (d hidden = g W, d W = g^T h), into reused
          buffers; no softmax, no divergence. llmkd's time / this time is its overhead.
 Generalized JSD, beta = 0.5, every position unmasked (TRL projects all positions on CPU anyway).
-Memory is ru_maxrss of the child: "peak" is absolute, "extra" is peak minus a baseline taken
-after the inputs exist, i.e. what the loss itself needed. It prints, it never asserts.
+Memory is ru_maxrss of the child on CPU, torch.cuda.max_memory_allocated on a GPU: "peak" is
+absolute, "extra" is peak minus a baseline taken after the inputs exist, i.e. what the loss itself
+needed. On a GPU the time is the median of `--repeats` runs after a full-size warm-up. It prints,
+it never asserts.
 
     python benchmarks/loss_memory.py            # SmolLM2 sizes (~2 minutes on 2 quiet cores)
     python benchmarks/loss_memory.py --quick    # batch 1, seq 256, vocab 4096, hidden 64: seconds
+    python benchmarks/loss_memory.py --device cuda --dtype bfloat16 --output gpu.json   # on a GPU
 """
 from __future__ import annotations
 
@@ -48,8 +51,8 @@ def matmul_floor(h_s: "torch.Tensor", w_s: "torch.Tensor", h_t: "torch.Tensor", 
     h_s, h_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
     n, vocab = h_s.shape[0], w_s.shape[0]
     rows = max(min(chunk_size, n), 1)
-    logits_s = torch.empty(rows, vocab)
-    logits_t = torch.empty(rows, vocab)
+    logits_s = h_s.new_empty(rows, vocab)
+    logits_t = h_t.new_empty(rows, vocab)
     grad_h = torch.empty_like(h_s)   # every row is written once
     grad_w = None                    # the first chunk's product, then accumulated into
     for start in range(0, n, rows):
@@ -71,11 +74,13 @@ def run_child(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     b, s, v, h = args.batch, args.seq, args.vocab, args.hidden
-    h_s = torch.randn(b, s, h, requires_grad=True)
-    h_t = torch.randn(b, s, h)
-    w_s = (0.05 * torch.randn(v, h)).requires_grad_()
-    w_t = 0.05 * torch.randn(v, h)
-    mask = torch.ones(b, s, dtype=torch.long)
+    like = {"device": args.device, "dtype": getattr(torch, args.dtype)}
+    h_s = torch.randn(b, s, h, **like, requires_grad=True)
+    h_t = torch.randn(b, s, h, **like)
+    w_s = (0.05 * torch.randn(v, h, **like)).requires_grad_()
+    w_t = 0.05 * torch.randn(v, h, **like)
+    mask = torch.ones(b, s, dtype=torch.long, device=args.device)
+    cuda = args.device.startswith("cuda")
 
     if args.child == "naive":
         from llmkd.losses import divergence
@@ -113,12 +118,25 @@ def run_child(args: argparse.Namespace) -> dict:
     # imports) must not count as the loss's time; the tensors are too small to move the baseline.
     run(h_s[:1, :8].detach().requires_grad_(), w_s[:256].detach().requires_grad_(),
         h_t[:1, :8], w_t[:256], mask[:1, :8])
-    baseline = _maxrss_mb()
+    if cuda:   # a GPU picks kernels per shape: warm up at full size, then time several runs
+        run(h_s, w_s, h_t, w_t, mask)
+        h_s.grad = w_s.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() / 2**20
+    else:
+        baseline = _maxrss_mb()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.perf_counter()
-    loss = run(h_s, w_s, h_t, w_t, mask)
-    seconds = time.perf_counter() - start
-    peak = _maxrss_mb()
+    times = []
+    for _ in range(args.repeats if cuda else 1):
+        h_s.grad = w_s.grad = None
+        start = time.perf_counter()
+        loss = run(h_s, w_s, h_t, w_t, mask)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mb()
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "variant": args.child,
@@ -146,6 +164,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--chunk-size", type=int, default=1024, help="llmkd token chunk")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (memory: GPU allocator peak)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs on a GPU (median)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: batch 1, seq 256, vocab 4096, hidden 64 (overrides sizes)")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -162,6 +183,7 @@ def main() -> None:
 
     sizes = ["--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab)]
     sizes += ["--hidden", str(args.hidden), "--chunk-size", str(args.chunk_size)]
+    sizes += ["--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats)]
     rows = []
     for variant in args.variants:
         proc = subprocess.run(
@@ -186,7 +208,7 @@ def main() -> None:
 
     print(
         f"B={args.batch} S={args.seq} V={args.vocab} H={args.hidden}  jsd beta={BETA}  "
-        f"llmkd chunk_size={args.chunk_size}"
+        f"llmkd chunk_size={args.chunk_size}  {args.device} {args.dtype}"
     )
     header = f"{'variant':8s} {'loss':>10s} {'time s':>8s} {'cpu usr+sys s':>14s}"
     header += f" {'peak MB':>9s} {'extra MB':>9s}"
@@ -207,8 +229,10 @@ def main() -> None:
         print("floor = the 4 unavoidable (chunk x H x V) matmuls; target: llmkd time/floor <= 1.3")
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: getattr(args, k) for k in ("batch", "seq", "vocab", "hidden", "chunk_size")}
-    report = {"config": {**config, "beta": BETA}, "cpu_count": os.cpu_count(),
+    config = {k: getattr(args, k) for k in ("batch", "seq", "vocab", "hidden", "chunk_size",
+                                            "device", "dtype")}
+    memory = "GPU allocator peak (MB)" if args.device.startswith("cuda") else "ru_maxrss (MB)"
+    report = {"config": {**config, "beta": BETA}, "memory": memory, "cpu_count": os.cpu_count(),
               "load_avg_1min_at_end": round(os.getloadavg()[0], 2), "results": rows}
     args.output.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.output}")

@@ -3,6 +3,8 @@
 Pairs (each variant in its own subprocess, so peak memory belongs to that variant alone):
   off  llmkd token_kd (jsd, lmbda 0)            vs  trl.experimental.gkd.GKDTrainer (lmbda 0)
   on   llmkd token_kd (jsd, lmbda 1, HF sampler) vs  trl.DistillationTrainer (transformers generate)
+  sampler  llmkd on-policy with `method.sampler: vllm` vs the same with the HF sampler (the speed-up
+       in-process vLLM sampling buys, everything else equal; the weights are pushed every step)
 Regimes:
   short  the quickstart's rows: arithmetic prompts, the teacher's own greedy answers (~13 tokens)
   long   gsm_symbolic prompts with 512-token responses synthesised from offline reasoning_gym text
@@ -15,7 +17,9 @@ agree; on-policy samples differ (different RNG paths), so their losses are only 
 
 Step time: median of steps 2..N (step 1 pays one-off allocations), from Trainer callbacks.
 Memory: "extra" = peak RSS during `train()` minus RSS once models, data and trainer exist
-(Linux VmHWM, reset before training). Prints a table, writes JSON, never asserts.
+(Linux VmHWM, reset before training); with `--device cuda`, the GPU allocator's peak minus what is
+allocated before training, and every variant trains in bf16 mixed precision (`bf16: true`).
+Prints a table, writes JSON, never asserts.
 
     python benchmarks/step_vs_trl.py            # short: both pairs, long: off-policy (~4 min, 2 quiet cores)
     python benchmarks/step_vs_trl.py --all      # + long on-policy (512 sampled tokens/row: ~10 min)
@@ -38,8 +42,9 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_vs_trl.json"
 BETA = 0.5
-PAIRS = {"off": ("llmkd_off", "trl_gkd"), "on": ("llmkd_on", "trl_distill")}
-VARIANTS = tuple(v for pair in PAIRS.values() for v in pair)
+PAIRS = {"off": ("llmkd_off", "trl_gkd"), "on": ("llmkd_on", "trl_distill"),
+         "sampler": ("llmkd_on_vllm", "llmkd_on")}
+VARIANTS = tuple(dict.fromkeys(v for pair in PAIRS.values() for v in pair))
 
 
 @dataclass(frozen=True)
@@ -169,15 +174,17 @@ def load_pair(model_dir: str) -> tuple[Any, Any, Any]:
     return teacher, student, load_tokenizer(model_dir)
 
 
-def common_args(regime: Regime, steps: int) -> dict[str, Any]:
-    """TrainingArguments shared by every variant (TRL's own defaults for bf16/checkpointing off)."""
+def common_args(regime: Regime, steps: int, device: str = "cpu") -> dict[str, Any]:
+    """TrainingArguments shared by every variant (TRL's own defaults for bf16/checkpointing off on
+    CPU; bf16 mixed precision for all on a GPU)."""
     from transformers import TrainingArguments
 
+    gpu = device != "cpu"
     return dict(per_device_train_batch_size=regime.batch, max_steps=steps, learning_rate=1e-5,
                 lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                 optim=TrainingArguments.__dataclass_fields__["optim"].default,
-                logging_steps=steps, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-                bf16=False, fp16=False, gradient_checkpointing=False, dataloader_num_workers=0,
+                logging_steps=steps, save_strategy="no", report_to="none", use_cpu=not gpu, seed=0,
+                bf16=gpu, fp16=False, gradient_checkpointing=False, dataloader_num_workers=0,
                 train_sampling_strategy="sequential", disable_tqdm=True)
 
 
@@ -206,16 +213,16 @@ def instrumented(cls: type, record: dict[str, list]) -> type:
 
 
 def build_trainer(variant: str, model_dir: str, rows: list[dict], regime: Regime, steps: int,
-                  out_dir: str, record: dict[str, list]) -> Any:
+                  out_dir: str, record: dict[str, list], device: str = "cpu") -> Any:
     from datasets import Dataset
 
     teacher, student, tok = load_pair(model_dir)
-    base = common_args(regime, steps)
+    base = common_args(regime, steps, device)
     if variant.startswith("llmkd"):
         from llmkd.config import config_from_dict
         from llmkd.trainer import DistillationTrainer
 
-        on = variant == "llmkd_on"
+        on = variant in ("llmkd_on", "llmkd_on_vllm")
         cfg = config_from_dict({
             **base, "output_dir": out_dir, "overwrite_output_dir": True,
             "model": {"teacher": model_dir},
@@ -223,7 +230,7 @@ def build_trainer(variant: str, model_dir: str, rows: list[dict], regime: Regime
             "data": {"recipe": regime.recipe, "max_length": 4096},
             "method": {"name": "token_kd", "kind": "jsd", "beta": BETA, "lmbda": 1.0 if on else 0.0,
                        "max_new_tokens": regime.max_new_tokens, "gen_temperature": 1.0, "top_p": 1.0,
-                       "chunk_size": 1024}})
+                       "chunk_size": 1024, "sampler": "vllm" if variant.endswith("vllm") else "hf"}})
         return instrumented(DistillationTrainer, record)(
             model=student, teacher=teacher, args=cfg, processing_class=tok,
             train_dataset=Dataset.from_list(token_rows(rows)))
@@ -271,25 +278,34 @@ def run_child(args: argparse.Namespace) -> dict:
     stamps: list[float] = []
 
     cpu_stamps: list[float] = []
+    gpu = args.device != "cpu"
+
+    def stamp() -> None:
+        if gpu:   # kernels run asynchronously: a step ends when the GPU is done with it
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        cpu_stamps.append(cpu_seconds())
 
     class Stamps(TrainerCallback):
         def on_train_begin(self, *a: Any, **k: Any) -> None:
-            stamps.append(time.perf_counter())
-            cpu_stamps.append(cpu_seconds())
+            stamp()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
-            stamps.append(time.perf_counter())
-            cpu_stamps.append(cpu_seconds())
+            stamp()
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = build_trainer(args.child, data["model_dir"], data["rows"], regime, args.steps,
-                                out_dir, record)
+                                out_dir, record, args.device)
         trainer.add_callback(Stamps())
         setup_s = time.perf_counter() - t0
-        baseline = reset_peak_rss()
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated() / 2**20
+        else:
+            baseline = reset_peak_rss()
         trainer.train()
-        peak = peak_rss()
+        peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_rss()
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     cpu_steps = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])]
     return {
@@ -298,7 +314,7 @@ def run_child(args: argparse.Namespace) -> dict:
         "loss": record["loss"], "loss_step1": record["loss"][0],
         "loss_tokens": record["loss_tokens"], "padded_tokens": record["padded_tokens"],
         "baseline_rss_mb": baseline, "peak_rss_mb": peak, "extra_rss_mb": peak - baseline,
-        "optim": str(trainer.args.optim), "threads": torch.get_num_threads(),
+        "optim": str(trainer.args.optim), "threads": torch.get_num_threads(), "device": args.device,
     }
 
 
@@ -375,6 +391,7 @@ def summarize(results: dict[str, dict[str, dict]]) -> dict[str, dict]:
             if not (a and b):
                 continue
             ratios[f"{regime}/{pair}"] = {
+                "compares": f"{ours} / {theirs}",
                 "time_ratio": a["median_step_s"] / b["median_step_s"],
                 "cpu_time_ratio": a["median_cpu_step_s"] / b["median_cpu_step_s"],
                 "extra_mem_ratio": a["extra_rss_mb"] / max(b["extra_rss_mb"], 1e-9),
@@ -386,7 +403,7 @@ def summarize(results: dict[str, dict[str, dict]]) -> dict[str, dict]:
 
 
 def print_table(results: dict[str, dict[str, dict]], ratios: dict[str, dict]) -> None:
-    head = (f"{'regime':6s} {'variant':12s} {'step s':>8s} {'CPU s':>7s} {'step1 s':>8s} {'extra MB':>9s} "
+    head = (f"{'regime':6s} {'variant':13s} {'step s':>8s} {'CPU s':>7s} {'step1 s':>8s} {'extra MB':>9s} "
             f"{'peak MB':>8s} {'loss@1':>11s} {'loss tok/step':>13s} {'padded tok/step':>15s}")
     print(head)
     for regime, by_variant in results.items():
@@ -394,17 +411,18 @@ def print_table(results: dict[str, dict[str, dict]], ratios: dict[str, dict]) ->
             r = by_variant.get(variant)
             if r is None:
                 continue
-            print(f"{regime:6s} {variant:12s} {r['median_step_s']:8.2f} {r['median_cpu_step_s']:7.2f} "
+            print(f"{regime:6s} {variant:13s} {r['median_step_s']:8.2f} {r['median_cpu_step_s']:7.2f} "
                   f"{r['step1_s']:8.2f} "
                   f"{r['extra_rss_mb']:9.0f} {r['peak_rss_mb']:8.0f} {r['loss_step1']:11.7f} "
                   f"{statistics.mean(r['loss_tokens']):13.0f} {statistics.mean(r['padded_tokens']):15.0f}")
-    print(f"\n{'pair':12s} {'time llmkd/TRL':>15s} {'CPU time':>9s} {'extra mem llmkd/TRL':>20s} "
+    print(f"\n{'pair':14s} {'compares':28s} {'time':>7s} {'CPU time':>9s} {'extra mem':>10s} "
           f"{'|loss@1 diff|':>14s}")
     for name, r in ratios.items():
         diff = f"{r['loss_step1_abs_diff']:.1e}" if r["comparable_loss"] else "n/a (samples)"
-        print(f"{name:12s} {r['time_ratio']:14.2f}x {r['cpu_time_ratio']:8.2f}x "
-              f"{r['extra_mem_ratio']:19.2f}x {diff:>14s}")
-    print("targets: time <= 0.8x, extra memory <= 1.0x, off-policy step-1 losses equal")
+        print(f"{name:14s} {r['compares']:28s} {r['time_ratio']:6.2f}x {r['cpu_time_ratio']:8.2f}x "
+              f"{r['extra_mem_ratio']:9.2f}x {diff:>14s}")
+    print("targets: llmkd/TRL time <= 0.8x and extra memory <= 1.0x, off-policy step-1 losses equal; "
+          "vLLM/HF sampler time <= 0.5x (>= 2x faster)")
 
 
 def main() -> None:
@@ -420,6 +438,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per variant, >= 2 (default 3; --quick: 2)")
     parser.add_argument("--quick", action="store_true", help="tiny random models, smoke run")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu | cuda: on a GPU every variant trains in bf16, memory is the GPU's")
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--merge", action="store_true",
                         help="keep the other regimes/pairs already in --output (re-measure some pairs)")
@@ -433,7 +453,7 @@ def main() -> None:
     regimes = QUICK_REGIMES if args.quick else REGIMES
     args.steps = args.steps or (2 if args.quick else 3)
     # long on-policy samples 512 tokens per row through transformers' generate: minutes per step
-    skip = set() if (args.all or args.pairs or args.regimes) else {("long", "on")}
+    skip = set() if (args.all or args.pairs or args.regimes) else {("long", "on"), ("long", "sampler")}
     args.regimes = args.regimes or (["short"] if args.quick else list(REGIMES))
     args.pairs = args.pairs or list(PAIRS)
     output = args.output or (RESULTS.with_name("step_vs_trl_quick.json") if args.quick else RESULTS)
@@ -452,22 +472,22 @@ def main() -> None:
             data = Path(tmp) / f"{name}.json"
             data_info[name] = write_regime_data(model_dir, regimes[name], data, cache=not args.quick)
             results.setdefault(name, {})
-            for pair in args.pairs:
-                if (name, pair) in skip:
-                    continue
-                for variant in PAIRS[pair]:
-                    r = run_subprocess(["--child", variant, "--data", str(data),
-                                        "--steps", str(args.steps)])
-                    if r is not None:
-                        results[name][variant] = r
-                        print(f"  {variant:12s} {r['median_step_s']:.2f} s/step, extra "
-                              f"{r['extra_rss_mb']:.0f} MB, loss@1 {r['loss_step1']:.7f}", flush=True)
+            wanted = dict.fromkeys(v for pair in args.pairs if (name, pair) not in skip
+                                   for v in PAIRS[pair])
+            for variant in wanted:
+                r = run_subprocess(["--child", variant, "--data", str(data), "--steps", str(args.steps),
+                                    "--device", args.device])
+                if r is not None:
+                    results[name][variant] = r
+                    print(f"  {variant:13s} {r['median_step_s']:.2f} s/step, extra "
+                          f"{r['extra_rss_mb']:.0f} MB, loss@1 {r['loss_step1']:.7f}", flush=True)
     ratios = summarize(results)
     print()
     print_table(results, ratios)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({
         "model": "tiny (quick)" if args.quick else args.model, "steps": args.steps, "beta": BETA,
+        "device": args.device, "memory": "GPU allocator (MB)" if args.device != "cpu" else "RSS (MB)",
         "cpu_count": os.cpu_count(), "load_avg_1min_at_start": round(load_start, 2),
         "merged_runs": previous.get("merged_runs", 1) + 1 if previous else 1,
         "load_avg_1min_at_end": round(os.getloadavg()[0], 2), "regimes": data_info,

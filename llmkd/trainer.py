@@ -152,7 +152,8 @@ class DistillationTrainer(Trainer):
         source = inputs.pop("_source", "dataset")
         if not self.method.uses_num_items or not model.training:
             num_items_in_batch = None       # per-micro-batch means (see Method.uses_num_items)
-        targets = self.method.teacher_targets(inputs)
+        with self.accelerator.autocast():   # bf16/fp16 mixed precision reaches the teacher too
+            targets = self.method.teacher_targets(inputs)
         student = forward_head(model, inputs, hidden=self.method.wants_hidden(),
                                vocab=self.method.vocab_size,
                                head_owner=self.accelerator.unwrap_model(model))

@@ -111,3 +111,18 @@ def test_lora_student_trains_adapter_only(tiny_pair, tmp_path):
             assert torch.equal(v, base[k]), k
     trainer.save_model(str(tmp_path / "run"))
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_bf16_mixed_precision_runs_the_teacher_in_bf16_too(tiny_pair, tmp_path):
+    """`bf16: true` autocasts the student's forward (accelerate) and must reach the teacher's too,
+    or a GPU run pays a float32 teacher beside a bf16 student."""
+    cfg = make_cfg(tiny_pair, tmp_path / "run", max_steps=1, bf16=True,
+                   data={"recipe": "arithmetic", "num_train": 8, "num_eval": 4})
+    trainer = build_trainer(cfg)
+    seen = {}
+    for name, model in (("teacher", trainer.teacher), ("student", trainer.model)):
+        proj = next(m for n, m in model.named_modules() if n.endswith("q_proj"))
+        proj.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, out.dtype) and None)
+    trainer.train()
+    assert seen == {"teacher": torch.bfloat16, "student": torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.teacher.parameters())   # weights untouched
