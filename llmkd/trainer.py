@@ -152,12 +152,14 @@ class DistillationTrainer(Trainer):
         source = inputs.pop("_source", "dataset")
         if not self.method.uses_num_items or not model.training:
             num_items_in_batch = None       # per-micro-batch means (see Method.uses_num_items)
-        with self.accelerator.autocast():   # bf16/fp16 mixed precision reaches the teacher too
+        # bf16/fp16 mixed precision covers the teacher and the loss's lm_head matmuls too, not only
+        # the student's forward (which accelerate wraps)
+        with self.accelerator.autocast():
             targets = self.method.teacher_targets(inputs)
-        student = forward_head(model, inputs, hidden=self.method.wants_hidden(),
-                               vocab=self.method.vocab_size,
-                               head_owner=self.accelerator.unwrap_model(model))
-        loss, metrics = self.method.loss(student, targets, inputs, num_items_in_batch)
+            student = forward_head(model, inputs, hidden=self.method.wants_hidden(),
+                                   vocab=self.method.vocab_size,
+                                   head_owner=self.accelerator.unwrap_model(model))
+            loss, metrics = self.method.loss(student, targets, inputs, num_items_in_batch)
         if num_items_in_batch is None and model.training:
             loss = loss / self.current_gradient_accumulation_steps
         elif self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -338,6 +338,26 @@ def test_chunked_float32_and_bf16():
             torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * b.abs().max().item())
 
 
+def test_chunked_under_autocast_runs_its_matmuls_in_bf16():
+    """Mixed precision (`bf16: true`): float32 inputs, bf16 matmuls, float32 loss and gradients."""
+    from llmkd.losses.chunked import matmul_dtype
+
+    inputs, mask = chunked_case(dtype=torch.float32, bias=True)
+    wide = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    want = dense_reference(wide, "jsd", mask=mask)
+    exact = chunked_divergence(**inputs, kind="jsd", mask=mask, chunk_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert matmul_dtype(*inputs.values()) == torch.bfloat16
+        got = chunked_divergence(**inputs, kind="jsd", mask=mask, chunk_size=4)
+    assert matmul_dtype(*inputs.values()) == torch.float32
+    grads = student_grads(got, inputs)
+    assert got.dtype == torch.float32 and [g.dtype for g in grads] == [torch.float32] * 3
+    torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)
+    assert abs(float(got.detach()) - float(exact.detach())) > 1e-6   # the matmuls ran in bf16
+    for a, b in zip(grads, student_grads(want, wide)):
+        torch.testing.assert_close(a.double(), b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
+
+
 def test_chunked_no_teacher_grad_no_grad_mode_and_all_masked():
     inputs, mask = chunked_case()
     inputs["teacher_hidden"].requires_grad_()

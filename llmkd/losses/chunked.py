@@ -13,6 +13,11 @@ gradients, so nothing is recomputed (the same trade as Liger's fused linear cros
 Per chunk only four (chunk, V) buffers exist (five with a soft-capped student, whose tanh the
 gradient needs), reused across chunks: allocating fresh (chunk, V) tensors every time costs more
 in page faults than the element-wise math itself on CPU.
+
+Mixed precision: with 16-bit hidden states and weights, or under autocast (`bf16: true`), the
+three (chunk x H x V) matmuls per chunk run in that 16-bit dtype, as the models' own lm_head
+would (a GPU's tensor cores: float32 matmuls run an order of magnitude slower there), through one
+more (chunk, V) 16-bit buffer; the softmax, divergence and gradient math stay in float32.
 """
 from __future__ import annotations
 
@@ -89,6 +94,18 @@ def _fused_loss_and_grad(
     raise ValueError(f"divergence kind={kind!r} is unknown")
 
 
+def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype of the chunk matmuls: autocast's when it is on, the inputs' when all are the same
+    16-bit dtype, else float32 (or wider, as the softmax math)."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16}:
+        return dtypes.pop()
+    return functools.reduce(torch.promote_types, dtypes, torch.float32)
+
+
 class _ChunkedDivergence(torch.autograd.Function):
     """Loss in the forward with its gradients; the backward returns them scaled."""
 
@@ -103,12 +120,19 @@ class _ChunkedDivergence(torch.autograd.Function):
         b_t: torch.Tensor | None,
         opts: dict[str, Any],
     ) -> torch.Tensor:
+        with torch.autocast(h_s.device.type, enabled=False):   # dtypes are chosen explicitly
+            return _ChunkedDivergence._forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, opts)
+
+    @staticmethod
+    def _forward(ctx: Any, h_s: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
+                 h_t: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor | None,
+                 opts: dict[str, Any]) -> torch.Tensor:
         kind, beta, lam = opts["kind"], opts["beta"], opts["lam"]
         need_h, need_w, need_b = opts["need_grad"]
         inv_t = 1.0 / opts["temperature"]
-        dtype = opts["dtype"]
+        dtype, mm_dtype = opts["dtype"], opts["mm_dtype"]
         n, vocab = h_s.shape[0], w_s.shape[0]
-        ws, wt = w_s.to(dtype), w_t.to(dtype)
+        ws, wt = w_s.to(mm_dtype), w_t.to(mm_dtype)
         # u = h W^T + b is multiplied by `pre` on the small hidden chunk and bias, never on the
         # (chunk, V) logits: scale / T without a softcap, scale / c (the tanh input) with one;
         # `post` multiplies tanh(.) into tempered logits (c / T).
@@ -120,26 +144,31 @@ class _ChunkedDivergence(torch.autograd.Function):
             sides.append((None if b is None else b.to(dtype) * pre, pre, post))
         (bs, pre_s, post_s), (bt, pre_t, post_t) = sides
         grad_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
-        grad_w = torch.zeros_like(ws) if need_w else None
+        grad_w = torch.zeros(ws.shape, dtype=dtype, device=ws.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=dtype, device=ws.device) if need_b else None
         total = torch.zeros((), dtype=dtype, device=ws.device)
 
         rows = max(min(opts["chunk_size"], n), 1)
         n_buf = 4 if post_s is None else 5
         buffers = [torch.empty((rows, vocab), dtype=dtype, device=ws.device) for _ in range(n_buf)]
+        low = None if mm_dtype == dtype else torch.empty((rows, vocab), dtype=mm_dtype, device=ws.device)
         # d loss / d u = c * g [* (1 - tanh^2)] * scale / T, averaged over denom tokens.
         coef = opts["student_scale"] * inv_t / opts["denom"]
         for start in range(0, n, rows):
             end = min(start + rows, n)
             buf: Buffers = tuple(b[: end - start] for b in buffers[:4])  # type: ignore[assignment]
             th_s = buffers[4][: end - start] if post_s is not None else None
-            hs = h_s[start:end].to(dtype)
-            ht = h_t[start:end].to(dtype)
+            hs = h_s[start:end].to(mm_dtype)
+            ht = h_t[start:end].to(mm_dtype)
             for h, w, b, pre, post, u, out in ((hs, ws, bs, pre_s, post_s, th_s, buf[0]),
                                                (ht, wt, bt, pre_t, post_t, None, buf[1])):
                 h = h * pre if pre != 1.0 else h
                 u = buf[2] if u is None else u
-                if b is None:
+                if low is not None:   # 16-bit product, float32 from here on
+                    u.copy_(torch.mm(h, w.t(), out=low[: end - start]))
+                    if b is not None:
+                        u.add_(b)
+                elif b is None:
                     torch.mm(h, w.t(), out=u)
                 else:
                     torch.addmm(b, h, w.t(), out=u)
@@ -152,12 +181,20 @@ class _ChunkedDivergence(torch.autograd.Function):
                 continue
             if th_s is not None:  # d c tanh(y / c) / dy = 1 - tanh^2
                 g.mul_(th_s.mul_(th_s).neg_().add_(1.0))
-            if grad_h is not None:
-                torch.mm(g, ws, out=grad_h[start:end]).mul_(c * coef)
-            if grad_w is not None:
-                grad_w.addmm_(g.t(), hs, alpha=c * coef)
             if grad_b is not None:
                 grad_b.add_(g.sum(0), alpha=c * coef)
+            if low is None:
+                if grad_h is not None:
+                    torch.mm(g, ws, out=grad_h[start:end]).mul_(c * coef)
+                if grad_w is not None:
+                    grad_w.addmm_(g.t(), hs, alpha=c * coef)
+                continue
+            g = low[: end - start].copy_(g)      # 16-bit gradient matmuls, float32 accumulation
+            if grad_h is not None:
+                grad_h[start:end] = torch.mm(g, ws)
+                grad_h[start:end].mul_(c * coef)
+            if grad_w is not None:
+                grad_w.add_(torch.mm(g.t(), hs), alpha=c * coef)
 
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
@@ -266,6 +303,7 @@ def chunked_divergence(
                                student_bias, teacher_bias) if x is not None],
             compute_dtype(student_hidden),
         ),
+        "mm_dtype": matmul_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight),
         "need_grad": tuple(
             grad_on and x is not None and x.requires_grad
             for x in (h_s, student_weight, student_bias)
