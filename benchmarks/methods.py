@@ -1,7 +1,7 @@
 """Distillation methods side by side on the embedded teacher: SFT, token KD divergences, TAID, DistillSpec.
 
     OMP_NUM_THREADS=2 python benchmarks/methods.py [--steps 30] [--student-layers 8] [--work DIR]
-        [--rows fkl,taid,...] [--tiny]
+        [--rows fkl,taid,...] [--merge] [--tiny]
 
 1. The teacher (SmolLM2-135M-Instruct) answers `--train-prompts` + `--eval-prompts` arithmetic
    prompts greedily with vLLM (in a child process: vLLM's CPU worker pins this process's threads).
@@ -11,6 +11,9 @@
      fkl/rkl/jsd/tvd/skew_fkl   token KD on the teacher's responses, live teacher
      TAID       paper defaults, the linear floor over the run's steps
      DistillSpec  on-policy student samples, TVD
+   and two rows that continue from the forward-KL student for `--steps` more steps: DistillSpec
+   from a draft that already models language (the paper's setting: pretrained drafts) and, as
+   its control, forward KL again.
 3. Each student, and the undistilled one, is measured on held-out prompts (never trained on):
    KL(teacher || student), top-1 agreement and α = E[Σ min(p, q)] on the teacher's held-out
    responses; measured greedy speculative decoding with the student as the draft (transformers
@@ -49,10 +52,16 @@ ROWS: dict[str, dict[str, Any]] = {
     "skew_fkl": {"name": "token_kd", "kind": "skew_fkl", "lam": 0.1},
     "taid": {"name": "taid"},
     "distillspec": {"name": "distillspec"},
+    # DistillSpec's own setting: a draft that already models language (the paper starts from
+    # pretrained drafts); the control spends the same extra steps on forward KL
+    "fkl_then_fkl": {"name": "token_kd", "kind": "fkl", "from": "fkl"},
+    "fkl_then_distillspec": {"name": "distillspec", "from": "fkl"},
 }
 LABELS = {"sft": "SFT on teacher responses (CE)", "fkl": "forward KL", "rkl": "reverse KL",
           "jsd": "JSD(0.5)", "tvd": "TVD", "skew_fkl": "skew KL (λ 0.1)", "taid": "TAID",
           "distillspec": "DistillSpec (on-policy TVD)", "before": "undistilled draft (student before)",
+          "fkl_then_fkl": "forward KL, then forward KL again", "fkl_then_distillspec":
+          "forward KL, then DistillSpec",
           "teacher": "teacher"}
 
 
@@ -92,16 +101,19 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
         return pool.submit(fn, *args).result()
 
 
-def config(args: argparse.Namespace, teacher: str, data: str, out: Path, method: dict[str, Any]) -> Any:
+def config(args: argparse.Namespace, teacher: str, data: str, out: Path, method: dict[str, Any],
+           start: Path | None = None) -> Any:
+    """The row's run; `start`: a trained student to continue from (else the teacher's layers)."""
     from llmkd.config import config_from_dict
 
+    student = {"student": str(start)} if start else {"student_layers": args.student_layers}
     return config_from_dict({
         "output_dir": str(out), "overwrite_output_dir": True, "max_steps": args.steps,
         "per_device_train_batch_size": args.batch_size, "learning_rate": args.lr,
         "lr_scheduler_type": "cosine", "warmup_steps": max(1, args.steps // 10),
         "logging_steps": max(1, args.steps // 6), "save_strategy": "no", "use_cpu": True, "seed": 0,
         "disable_tqdm": True, "report_to": "none",
-        "model": {"teacher": teacher, "student_layers": args.student_layers},
+        "model": {"teacher": teacher, **student},
         "data": {"path": data, "num_train": args.train_prompts, "num_eval": args.eval_prompts,
                  "max_length": 256, "allow_fewer": True},
         "method": method})
@@ -166,6 +178,9 @@ def main() -> None:
     ap.add_argument("--spec-tokens", type=int, default=32)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="tiny local models: a smoke test of this script")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows already in WORK/methods.json (and its undistilled row); "
+                         "re-measure or add only --rows")
     args = ap.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -199,20 +214,28 @@ def main() -> None:
     target = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     results: list[dict[str, Any]] = []
     prompts: list[list[int]] = []
-    for i, name in enumerate(["before", *rows]):
+    previous = json.loads((work / "methods.json").read_text()) if args.merge and (work / "methods.json").exists() else {}
+    kept = {r["row"]: r for r in previous.get("rows", []) if r["row"] not in rows}
+    for name in rows:
+        start = ROWS[name].get("from")
+        if start and start not in rows[: rows.index(name)] and not (work / "students" / start).exists():
+            raise SystemExit(f"--rows: {name} continues from {start}: run {start} first (or with it)")
+    for i, name in enumerate([*(() if "before" in kept else ("before",)), *rows]):
         t0 = time.perf_counter()
         method = dict(ROWS.get(name, {"name": "token_kd"}))
+        start = method.pop("from", None)
         if name == "taid":
             method["total_steps"] = args.steps
         if name == "distillspec":
             method["max_new_tokens"] = args.onpolicy_tokens
         out = work / "students" / name
-        trainer = build_trainer(config(args, teacher, data, out, method))
+        trainer = build_trainer(config(args, teacher, data, out, method,
+                                       work / "students" / start if start else None))
         if not prompts:
             ev = trainer.eval_dataset
             prompts = [list(ev[j]["input_ids"][: ev[j]["prompt_len"]])
                        for j in range(min(args.spec_prompts, len(ev)))]
-        row: dict[str, Any] = {"row": name, "method": method}
+        row: dict[str, Any] = {"row": name, "method": method, "from": start}
         if name != "before":
             res = trainer.train()
             row["s_per_step"] = res.metrics["train_runtime"] / max(trainer.state.global_step, 1)
@@ -228,8 +251,12 @@ def main() -> None:
         print(f"[methods] {i}/{len(rows)} {name}: {fmt(row)}  ({row['row_s']:.0f} s)", flush=True)
         del trainer
         gc.collect()
-    teacher_acc = accuracy(teacher, work / "eval" / "teacher", "teacher", args)
+    teacher_acc = previous.get("teacher_accuracy") or accuracy(teacher, work / "eval" / "teacher", "teacher", args)
     timings["total"] = round(time.perf_counter() - started, 1)
+    if kept:   # the table in ROWS order, the undistilled draft first
+        order = ["before", *ROWS]
+        results = sorted([*kept.values(), *results], key=lambda r: order.index(r["row"]))
+        timings["earlier_runs_s"] = previous.get("timings_s", {}).get("total")
     md = table(results, args.gamma) + (
         f"\nteacher accuracy: {100 * teacher_acc['accuracy']:.1f} % [{100 * teacher_acc['ci_low']:.1f}, "
         f"{100 * teacher_acc['ci_high']:.1f}] (n={teacher_acc['n']}); wall time {timings['total']:.0f} s\n")

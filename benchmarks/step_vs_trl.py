@@ -4,7 +4,8 @@ Pairs (each variant in its own subprocess, so peak memory belongs to that varian
   off  llmkd token_kd (jsd, lmbda 0)            vs  trl.experimental.gkd.GKDTrainer (lmbda 0)
   on   llmkd token_kd (jsd, lmbda 1, HF sampler) vs  trl.DistillationTrainer (transformers generate)
   sampler  llmkd on-policy with `method.sampler: vllm` vs the same with the HF sampler (the speed-up
-       in-process vLLM sampling buys, everything else equal; the weights are pushed every step)
+       in-process vLLM sampling buys, everything else equal; the weights are pushed every step;
+       compiled engine, `method.vllm: {enforce_eager: false}`: its ~1 min compile falls in step 1)
 Regimes:
   short  the quickstart's rows: arithmetic prompts, the teacher's own greedy answers (~13 tokens)
   long   gsm_symbolic prompts with 512-token responses synthesised from offline reasoning_gym text
@@ -230,7 +231,8 @@ def build_trainer(variant: str, model_dir: str, rows: list[dict], regime: Regime
             "data": {"recipe": regime.recipe, "max_length": 4096},
             "method": {"name": "token_kd", "kind": "jsd", "beta": BETA, "lmbda": 1.0 if on else 0.0,
                        "max_new_tokens": regime.max_new_tokens, "gen_temperature": 1.0, "top_p": 1.0,
-                       "chunk_size": 1024, "sampler": "vllm" if variant.endswith("vllm") else "hf"}})
+                       "chunk_size": 1024, **({"sampler": "vllm", "vllm": {"enforce_eager": False}}
+                                              if variant.endswith("vllm") else {})}})
         return instrumented(DistillationTrainer, record)(
             model=student, teacher=teacher, args=cfg, processing_class=tok,
             train_dataset=Dataset.from_list(token_rows(rows)))

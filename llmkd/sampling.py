@@ -14,6 +14,28 @@ if TYPE_CHECKING:
     import torch
 
 SAMPLERS = ("hf", "vllm")
+# `method.vllm`: the vLLM sampler's engine options (`VLLMSampler` arguments) -> their types
+VLLM_OPTIONS: dict[str, type] = {"max_model_len": int, "gpu_memory_utilization": float,
+                                 "kv_cache_bytes": int, "dtype": str, "enforce_eager": bool}
+
+
+def check_sampler(sampler: str, vllm: dict[str, Any]) -> None:
+    """`method.sampler` and `method.vllm`, before anything loads: a clear error naming the key."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"method.sampler={sampler!r} is unknown; use one of {SAMPLERS}")
+    if vllm and sampler != "vllm":
+        raise ValueError(f"method.vllm={vllm} configures the vLLM sampler, but method.sampler={sampler!r}; "
+                         "set method.sampler=vllm or drop method.vllm")
+    for key, value in vllm.items():
+        tp = VLLM_OPTIONS.get(key)
+        if tp is None:
+            raise ValueError(f"config: unknown key 'method.vllm.{key}'; valid keys: {', '.join(VLLM_OPTIONS)}")
+        ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok or (tp in (int, float) and not value > 0):
+            raise ValueError(f"method.vllm.{key}={value!r} must be a {'positive ' if tp in (int, float) else ''}"
+                             f"{tp.__name__}")
 
 
 @dataclass(frozen=True)
@@ -88,7 +110,7 @@ def make_sampler(name: str, pad_token_id: int, **options: Any) -> Sampler:
     """The sampler a method names (`method.sampler`)."""
     if name == "hf":
         return HFSampler(pad_token_id)
-    if name == "vllm":   # options: max_model_len, gpu_memory_utilization, kv_cache_bytes, dtype
+    if name == "vllm":   # options: `method.vllm` (VLLM_OPTIONS)
         from llmkd.generation.vllm_sampler import VLLMSampler
 
         return VLLMSampler(**options)

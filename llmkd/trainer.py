@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -127,13 +128,16 @@ class DistillationTrainer(Trainer):
         limit = getattr(getattr(self.args, "data", None), "max_length", None)
         if self._sampler is None:
             self._sampler = make_sampler(getattr(self.method.params, "sampler", "hf"),
-                                         pad_id(self.processing_class))
+                                         pad_id(self.processing_class),
+                                         **getattr(self.method.params, "vllm", {}))
         sampler = self._sampler if generator is self.model_wrapped else HFSampler(pad_id(self.processing_class))
         # ZeRO-3: gather the partitioned parameters for generate (a no-op otherwise)
         with unwrap_model_for_generation(generator, self.accelerator) as unwrapped:
             was_training = unwrapped.training
             unwrapped.eval()
+            started = time.perf_counter()
             responses = sampler.sample(unwrapped, prompts, spec, eos_ids)
+            self._metrics["sample_s"].append(time.perf_counter() - started)   # weight push included
             unwrapped.train(was_training)
         keep = {k: v for k, v in batch.items() if k not in _SEQUENCE_KEYS and not k.startswith("_")}
         rows = []

@@ -192,6 +192,12 @@ CASES = {
     "offline-on-policy": Case(("method.lmbda > 0", "teacher_mode=live"),
                               edit(**{"model.teacher_mode": "offline", "data.path": ".", "method.lmbda": 0.5})),
     "chunk-size-negative": Case(("method.chunk_size=-1 must be >= 0",), edit(**{"method.chunk_size": -1})),
+    "vllm-options-without-vllm": Case(("method.vllm=", "method.sampler='hf'", "set method.sampler=vllm"),
+                                      edit(**{"method.vllm": {"enforce_eager": False}})),
+    "vllm-option-typo": Case(("'method.vllm.enforce_eagre'", "enforce_eager"),
+                             edit(**{"method.sampler": "vllm", "method.vllm": {"enforce_eagre": False}})),
+    "vllm-option-type": Case(("method.vllm.gpu_memory_utilization='most' must be a positive float",),
+                             edit(**{"method.sampler": "vllm", "method.vllm": {"gpu_memory_utilization": "most"}})),
     "student-layers": Case(("model.student_layers='every_third'",), edit(**{"model.student_layers": "every_third"})),
     # data section
     "recipe-typo": Case(("data.recipe='arithmetc'", "Did you mean 'arithmetic'"), edit(**{"data.recipe": "arithmetc"})),

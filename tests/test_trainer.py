@@ -40,6 +40,8 @@ def test_token_kd_halves_held_out_kl(tiny_pair, tmp_path, method):
     if method.get("lmbda"):
         on_policy = [h["on_policy"] for h in trainer.state.log_history if "on_policy" in h]
         assert on_policy and all(v == 1.0 for v in on_policy)
+        sample_s = [h["sample_s"] for h in trainer.state.log_history if "on_policy" in h]
+        assert len(sample_s) == len(on_policy) and all(0 < v < 60 for v in sample_s)
 
 
 def _one_step_weights(tiny_pair, out: Path, bs: int, ga: int, **over) -> dict[str, torch.Tensor]:

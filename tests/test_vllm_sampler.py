@@ -142,7 +142,7 @@ def test_on_policy_training_samples_through_vllm(tiny_pair, tmp_path, sampler, m
     made = []
 
     def reuse(name, pad_token_id, **options):
-        made.append(name)
+        made.append((name, options))
         return sampler
 
     monkeypatch.setattr("llmkd.trainer.make_sampler", reuse)
@@ -153,11 +153,14 @@ def test_on_policy_training_samples_through_vllm(tiny_pair, tmp_path, sampler, m
         "disable_tqdm": True, "logging_steps": 1, "report_to": "none",
         "model": {"teacher": teacher, "student": student_dir},
         "data": {"recipe": "arithmetic", "num_train": 12, "num_eval": 4},
-        "method": {"name": "token_kd", "kind": "jsd", "lmbda": 1.0, "max_new_tokens": 6, "sampler": "vllm"}})
+        "method": {"name": "token_kd", "kind": "jsd", "lmbda": 1.0, "max_new_tokens": 6, "sampler": "vllm",
+                   "vllm": {"kv_cache_bytes": 2**28, "enforce_eager": True}}})
     pushes = sampler.pushes
     trainer = build_trainer(cfg)
     trainer.train()
-    assert made == ["vllm"] and sampler.pushes == pushes + 3     # one push per step: weights changed
+    # method.vllm reaches the engine's options; one push per step: the weights changed
+    assert made == [("vllm", {"kv_cache_bytes": 2**28, "enforce_eager": True})]
+    assert sampler.pushes == pushes + 3
     logs = [h for h in trainer.state.log_history if "on_policy" in h]
     assert len(logs) == 3 and all(h["on_policy"] == 1.0 and torch.isfinite(torch.tensor(h["loss"]))
                                   for h in logs)

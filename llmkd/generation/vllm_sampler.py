@@ -63,18 +63,21 @@ class VLLMSampler:
     `max_model_len`: longest prompt + response (default: the model's limit, capped at 4096);
     `gpu_memory_utilization`: fraction of the GPU for the engine (weights + KV cache);
     `kv_cache_bytes`: KV-cache size on CPU (default: enough for 2 full-length sequences, >= 256 MiB);
+    `enforce_eager`: default eager on CPU (the engine starts in seconds), vLLM's compiled graphs
+    on a GPU; False on CPU compiles once (about a minute) and then decodes ~25 % faster;
     `engine_kwargs`: any other `vllm.LLM` argument.
     """
 
     def __init__(self, *, max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
                  kv_cache_bytes: int | None = None, dtype: str | None = None,
-                 engine_kwargs: dict[str, Any] | None = None) -> None:
+                 enforce_eager: bool | None = None, engine_kwargs: dict[str, Any] | None = None) -> None:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
         self.max_model_len = max_model_len
         self.gpu_memory_utilization = gpu_memory_utilization
         self.kv_cache_bytes = kv_cache_bytes
         self.dtype = dtype
+        self.enforce_eager = enforce_eager
         self.engine_kwargs = dict(engine_kwargs or {})
         self.llm: Any = None
         self.pushes = 0                   # weight pushes so far (tests and logs read it)
@@ -161,6 +164,8 @@ class VLLMSampler:
         else:
             kv = self.kv_cache_bytes or max(CPU_KV_CACHE_MIN_BYTES, 2 * max_len * kv_bytes_per_token(config, dtype))
             kwargs.update(enforce_eager=True, kv_cache_memory_bytes=kv)
+        if self.enforce_eager is not None:
+            kwargs["enforce_eager"] = self.enforce_eager
         shared_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         if shared_group and torch.distributed.get_world_size() > 1:
             # one engine per rank on the existing process group (tensor parallel size 1)

@@ -29,12 +29,12 @@ embedding the mean of the teacher embeddings of the token's pieces.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmkd.alignment import AlignedText, ChunkAligner, offsets_backend
 from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets, as_mean, output_rows, pad_id
-from llmkd.sampling import SAMPLERS, SamplingSpec
+from llmkd.sampling import SamplingSpec, check_sampler
 
 if TYPE_CHECKING:   # torch loads lazily: configs validate these Params without it
     import torch
@@ -58,6 +58,7 @@ class CrossTokenizerParams(MethodParams):
     top_p: float = 1.0
     chunk_size: int = 1024          # >0: lm_heads applied this many positions at a time; 0: full logits
     sampler: str = "hf"             # on-policy sampling backend: hf | vllm
+    vllm: dict[str, Any] = field(default_factory=dict)   # vLLM sampler engine options
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -74,8 +75,7 @@ class CrossTokenizerParams(MethodParams):
             raise ValueError(f"method.lmbda={self.lmbda} is outside [0, 1]")
         if self.max_new_tokens < 1 or self.chunk_size < 0:
             raise ValueError("method.max_new_tokens must be >= 1 and method.chunk_size >= 0")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"method.sampler={self.sampler!r} is unknown; use one of {SAMPLERS}")
+        check_sampler(self.sampler, self.vllm)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"method.top_p={self.top_p} must be in (0, 1]")
 

@@ -6,10 +6,11 @@ finds them by method name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from llmkd.methods.base import MethodParams
-from llmkd.sampling import SAMPLERS
+from llmkd.sampling import check_sampler
 from llmkd.validation import check_divergence
 
 LABEL, RATIONALE = 0, 1     # rationale method: the two tasks of Distilling Step-by-Step
@@ -29,6 +30,7 @@ class TokenKDParams(MethodParams):
     top_p: float = 1.0
     chunk_size: int = 1024          # >0: lm_head applied chunk by chunk inside the loss; 0: full logits
     sampler: str = "hf"             # on-policy / seq-KD sampling backend: hf | vllm
+    vllm: dict[str, Any] = field(default_factory=dict)   # vLLM sampler engine options (README)
 
     def __post_init__(self) -> None:
         check_divergence(self.kind, self.beta, self.lam, self.temperature, where="method.")
@@ -41,8 +43,7 @@ class TokenKDParams(MethodParams):
             raise ValueError(f"method.max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.chunk_size < 0:
             raise ValueError(f"method.chunk_size={self.chunk_size} must be >= 0 (0 = full logits)")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"method.sampler={self.sampler!r} is unknown; use one of {SAMPLERS}")
+        check_sampler(self.sampler, self.vllm)
         if not (self.gen_temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError(f"method.gen_temperature={self.gen_temperature} must be > 0 and "
                              f"method.top_p={self.top_p} in (0, 1]")
