@@ -11,9 +11,9 @@
      fkl/rkl/jsd/tvd/skew_fkl   token KD on the teacher's responses, live teacher
      TAID       paper defaults, the linear floor over the run's steps
      DistillSpec  on-policy student samples, TVD
-   and two rows that continue from the forward-KL student for `--steps` more steps: DistillSpec
-   from a draft that already models language (the paper's setting: pretrained drafts) and, as
-   its control, forward KL again.
+   and rows that continue from the forward-KL student for `--steps` more steps: DistillSpec
+   from a draft that already models language (the paper's setting: pretrained drafts), with all
+   and with half of its batches sampled by the draft, and, as their control, forward KL again.
 3. Each student, and the undistilled one, is measured on held-out prompts (never trained on):
    KL(teacher || student), top-1 agreement and α = E[Σ min(p, q)] on the teacher's held-out
    responses; measured greedy speculative decoding with the student as the draft (transformers
@@ -56,12 +56,14 @@ ROWS: dict[str, dict[str, Any]] = {
     # pretrained drafts); the control spends the same extra steps on forward KL
     "fkl_then_fkl": {"name": "token_kd", "kind": "fkl", "from": "fkl"},
     "fkl_then_distillspec": {"name": "distillspec", "from": "fkl"},
+    "fkl_then_distillspec_mix": {"name": "distillspec", "lmbda": 0.5, "from": "fkl"},
 }
 LABELS = {"sft": "SFT on teacher responses (CE)", "fkl": "forward KL", "rkl": "reverse KL",
           "jsd": "JSD(0.5)", "tvd": "TVD", "skew_fkl": "skew KL (λ 0.1)", "taid": "TAID",
           "distillspec": "DistillSpec (on-policy TVD)", "before": "undistilled draft (student before)",
           "fkl_then_fkl": "forward KL, then forward KL again", "fkl_then_distillspec":
-          "forward KL, then DistillSpec",
+          "forward KL, then DistillSpec", "fkl_then_distillspec_mix":
+          "forward KL, then DistillSpec λ 0.5 (half teacher responses)",
           "teacher": "teacher"}
 
 
@@ -220,7 +222,7 @@ def main() -> None:
         start = ROWS[name].get("from")
         if start and start not in rows[: rows.index(name)] and not (work / "students" / start).exists():
             raise SystemExit(f"--rows: {name} continues from {start}: run {start} first (or with it)")
-    for i, name in enumerate([*(() if "before" in kept else ("before",)), *rows]):
+    for name in [*(() if "before" in kept else ("before",)), *rows]:
         t0 = time.perf_counter()
         method = dict(ROWS.get(name, {"name": "token_kd"}))
         start = method.pop("from", None)
@@ -248,7 +250,8 @@ def main() -> None:
         metrics_file.write_text(json.dumps(json.loads(metrics_file.read_text()) | row, indent=2))
         row["row_s"] = round(time.perf_counter() - t0, 1)
         results.append(row)
-        print(f"[methods] {i}/{len(rows)} {name}: {fmt(row)}  ({row['row_s']:.0f} s)", flush=True)
+        done = rows.index(name) + 1 if name in rows else 0
+        print(f"[methods] {done}/{len(rows)} {name}: {fmt(row)}  ({row['row_s']:.0f} s)", flush=True)
         del trainer
         gc.collect()
     teacher_acc = previous.get("teacher_accuracy") or accuracy(teacher, work / "eval" / "teacher", "teacher", args)
