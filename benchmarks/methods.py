@@ -259,10 +259,12 @@ def main() -> None:
     if kept:   # the table in ROWS order, the undistilled draft first
         order = ["before", *ROWS]
         results = sorted([*kept.values(), *results], key=lambda r: order.index(r["row"]))
-        timings["earlier_runs_s"] = previous.get("timings_s", {}).get("total")
+        before = previous.get("timings_s", {})
+        timings["earlier_runs_s"] = round(before.get("total", 0) + before.get("earlier_runs_s", 0), 1)
     md = table(results, args.gamma) + (
         f"\nteacher accuracy: {100 * teacher_acc['accuracy']:.1f} % [{100 * teacher_acc['ci_low']:.1f}, "
-        f"{100 * teacher_acc['ci_high']:.1f}] (n={teacher_acc['n']}); wall time {timings['total']:.0f} s\n")
+        f"{100 * teacher_acc['ci_high']:.1f}] (n={teacher_acc['n']}); wall time {timings['total']:.0f} s"
+        + (f" (+ {timings['earlier_runs_s']:.0f} s in the earlier runs merged here)" if kept else "") + "\n")
     (work / "methods.md").write_text(md)
     summary = {"args": vars(args), "teacher": teacher, "teacher_accuracy": teacher_acc,
                "rows": results, "timings_s": timings, "torch_threads": torch.get_num_threads(),
