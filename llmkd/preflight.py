@@ -111,6 +111,11 @@ def check_model_dir(path: str | Path, field: str = "model") -> str:
     if not d.is_dir():
         raise FileNotFoundError(f"{where}: model directory {str(d)!r} does not exist; give a local "
                                 "model dir (config.json + safetensors) or embedded")
+    if not (d / "config.json").exists() and (d / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"{where}: {str(d)!r} holds a LoRA adapter, not a whole model; merge it into its base "
+            "first (peft: AutoPeftModelForCausalLM.from_pretrained(dir).merge_and_unload()"
+            ".save_pretrained(out), and save the tokenizer into out) and pass the merged dir")
     if not (d / "config.json").exists():
         raise FileNotFoundError(f"{where}: {str(d)!r} is not a model directory (no config.json); give "
                                 "a dir written by save_pretrained, or embedded")

@@ -66,6 +66,10 @@ class DistillationTrainer(Trainer):
             self.teacher = prepare_deepspeed(teacher, self.accelerator)
         else:
             self.teacher = teacher.to(self.args.device)
+            if self.is_deepspeed_enabled and (self.args.bf16 or self.args.fp16):
+                # DeepSpeed runs the student in 16-bit without autocast: a float32 teacher would
+                # keep its forward and the loss's lm_head matmuls in float32
+                self.teacher = self.teacher.to(torch.bfloat16 if self.args.bf16 else torch.float16)
 
     def _chunked_head_ok(self, student: PreTrainedModel) -> bool:
         """The chunked loss reads lm_head weights outside the forward: not under ZeRO-3 / FSDP

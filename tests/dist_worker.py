@@ -52,6 +52,7 @@ def main() -> int:
                                    for p in params),
         "teacher_full_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         "teacher_requires_grad": any(p.requires_grad for p in params),
+        "teacher_dtype": str(params[0].dtype) if params else None,
     }
     result = trainer.train()
     trainer.save_model(cfg.output_dir)

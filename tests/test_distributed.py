@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -149,6 +150,17 @@ def test_zero2_two_processes_grad_accumulation(tiny_pair, tmp_path, initial, ref
     saved = weights(tmp_path / "z2")
     assert_trained(saved, initial)
     assert_matches(saved, info["losses"], reference)
+
+
+@needs_deepspeed
+def test_zero2_bf16_casts_the_frozen_teacher(tiny_pair, tmp_path, initial):
+    """DeepSpeed has no autocast: under `bf16: true` a float32 teacher would keep its forward and
+    the loss's lm_head matmuls in float32 beside the bf16 student."""
+    info = torchrun_worker(tiny_pair, tmp_path / "z2bf16", "deepspeed=configs/deepspeed/zero2.json",
+                           "bf16=true", nproc=1, per_device_bs=2, ga=1)
+    assert info["zero_stage"] == 2 and info["teacher_dtype"] == "torch.bfloat16"
+    assert all(math.isfinite(x) for x in info["losses"])
+    assert_trained(weights(tmp_path / "z2bf16"), initial)
 
 
 @needs_deepspeed

@@ -479,3 +479,24 @@ def test_sparse_confident_teacher_tail_is_small_not_empty(kind, beta):
     true = naive_with_tail(zs, ids, logp.double(), kind, beta, true_tail)
     assert (got.double() <= true + 1e-6).all() and (got > 0).all()
     assert g_got.abs().max() < 2 * abs(math.log(eps))
+
+
+def test_chunked_fp16_weight_gradient_does_not_overflow():
+    """Under fp16 autocast a chunk's weight-gradient sum (rows x g x h) can pass 65504 before any
+    scaling: it must be formed in float32 (bf16 has the range)."""
+    torch.manual_seed(0)
+    n, h, v = 2048, 16, 64
+    hidden = torch.randn(n, h)
+    hidden[:, 0] = 80.0                                   # one large hidden dimension
+    w_s = 0.01 * torch.randn(v, h)
+    w_s[0, 0] = 0.2                                       # the student sits on token 0
+    h_t, w_t = torch.randn(n, h), torch.randn(v, h)
+    grads = []
+    for dtype in (None, torch.float16):
+        w = w_s.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = chunked_divergence(hidden, w, h_t, w_t, "fkl", chunk_size=1024)
+        loss.backward()
+        grads.append(w.grad)
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=2e-2 * grads[0].abs().max().item())

@@ -189,11 +189,14 @@ class _ChunkedDivergence(torch.autograd.Function):
                 if grad_w is not None:
                     grad_w.addmm_(g.t(), hs, alpha=c * coef)
                 continue
-            g = low[: end - start].copy_(g)      # 16-bit gradient matmuls, float32 accumulation
+            g32, g = g, low[: end - start].copy_(g)   # 16-bit gradient matmuls, float32 accumulation
             if grad_h is not None:
                 grad_h[start:end] = torch.mm(g, ws)
                 grad_h[start:end].mul_(c * coef)
-            if grad_w is not None:
+            if grad_w is not None and mm_dtype == torch.float16:
+                # a chunk's sum over rows of g * h can pass float16's 65504 before any scaling
+                grad_w.addmm_(g32.t(), hs.to(dtype), alpha=c * coef)
+            elif grad_w is not None:
                 grad_w.add_(torch.mm(g.t(), hs), alpha=c * coef)
 
         ctx.grads = (grad_h, grad_w, grad_b)
