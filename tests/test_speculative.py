@@ -146,3 +146,10 @@ def test_cli_speculative_bad_inputs(cli, tiny_pair: tuple[str, str], tmp_path: P
     rc, text = cli("eval", "--model", tiny_pair[0], "--recipes", "arithmetic", "--speculative",
                    tmp_path / "nodraft", "--out", tmp_path)
     assert rc == 2 and "does not exist" in text
+    # options the speculative path would otherwise ignore
+    rc, text = cli("eval", "--model", tiny_pair[0], "--recipes", "arithmetic", "--gamma", "3",
+                   "--out", tmp_path)
+    assert rc == 2 and "--gamma 3 only applies with --speculative" in text
+    rc, text = cli("eval", "--model", tiny_pair[0], "--recipes", "arithmetic", "--speculative",
+                   tiny_pair[1], "--backend", "vllm", "--out", tmp_path)
+    assert rc == 2 and "drop --backend vllm" in text

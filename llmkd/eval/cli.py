@@ -89,6 +89,12 @@ def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
         spec.use_chat_template = False
     if args.overwrite:
         spec.overwrite = True
+    # options that would otherwise be silently ignored
+    if args.gamma is not None and not spec.speculative:
+        raise ValueError(f"eval: --gamma {args.gamma} only applies with --speculative DRAFT")
+    if args.backend == "vllm" and spec.speculative:
+        raise ValueError("eval: --speculative runs transformers assisted generation (counted target "
+                         "calls); drop --backend vllm")
     return spec
 
 
@@ -135,9 +141,10 @@ def run_eval(args: argparse.Namespace) -> int:
                     prompt_prefix=spec.prompt_prefix, output_dir=out / label / rec.name,
                     label=label, overwrite=spec.overwrite)
                 print(f"{label:>20s}  {rec.name:<24s} {m['tokens_per_target_call']:.2f} tokens per "
-                      f"target call (gamma {m['gamma']}), alpha {m['acceptance_rate']:.3f}, tau "
-                      f"{m['block_efficiency']:.2f}, speed-up {m['speedup']:.2f}x, identical "
-                      f"{m['identical_outputs']}/{m['prompts']}")
+                      f"target call (gamma {m['gamma']}; greedy prediction from top-1 agreement "
+                      f"{m['block_efficiency_greedy']:.2f}), speed-up {m['speedup']:.2f}x, identical "
+                      f"{m['identical_outputs']}/{m['prompts']}; sampling: alpha "
+                      f"{m['acceptance_rate']:.3f}, tau {m['block_efficiency']:.2f}")
                 continue
             m = evaluate_reasoning(
                 path, rec, backend=spec.backend, num_examples=spec.num_examples,

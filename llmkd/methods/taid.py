@@ -34,11 +34,11 @@ class TAIDParams(MethodParams):
     chunk_size: int = 1024          # >0: lm_head applied chunk by chunk inside the loss; 0: full logits
 
     def __post_init__(self) -> None:
-        check_schedule(self.t_start, self.t_end, self.alpha, self.beta, self.total_steps or 1,
-                       prefix="method.")
-        if self.total_steps < 0 or self.chunk_size < 0:
+        if self.total_steps < 0 or self.chunk_size < 0:   # before the schedule check's message
             raise ValueError(f"method.total_steps={self.total_steps} and method.chunk_size="
                              f"{self.chunk_size} must be >= 0 (0 = automatic / full logits)")
+        check_schedule(self.t_start, self.t_end, self.alpha, self.beta, self.total_steps or 1,
+                       prefix="method.")
 
     def check_teacher_mode(self, teacher_mode: str) -> None:
         if teacher_mode != "live":
