@@ -92,3 +92,23 @@ def test_cache_encodings_decode_as_stated(tmp_path: Path) -> None:
     assert 0 < exact["grad_cos_vs_dense"] < 1
     # the whole vocabulary kept: nothing is truncated
     assert cache_size.truncation_kl(t_logp, 300)["kl_trunc"] < 1e-5
+
+
+def test_methods_benchmark_continues_rows_and_merges(tmp_path: Path) -> None:
+    """benchmarks/methods.py --tiny: a warm-start row trains from the forward-KL student, and
+    --merge adds a row while keeping the earlier ones (table in the ROWS order)."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "methods.py"
+    work = tmp_path / "m"
+    base = [sys.executable, str(script), "--tiny", "--steps", "2", "--work", str(work)]
+    for extra in (["--rows", "fkl,fkl_then_distillspec"], ["--rows", "sft", "--merge"]):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((work / "methods.json").read_text())
+    assert [r["row"] for r in result["rows"]] == ["before", "sft", "fkl", "fkl_then_distillspec"]
+    warm = result["rows"][-1]
+    assert warm["from"] == "fkl" and warm["method"]["name"] == "distillspec"
+    assert result["timings_s"]["earlier_runs_s"] > 0
+    assert all(r["identical_outputs"] == r["prompts"] for r in result["rows"])
