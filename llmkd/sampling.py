@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from llmkd.validation import check_keys, type_ok
+
 if TYPE_CHECKING:
     import torch
 
@@ -26,14 +28,10 @@ def check_sampler(sampler: str, vllm: dict[str, Any]) -> None:
     if vllm and sampler != "vllm":
         raise ValueError(f"method.vllm={vllm} configures the vLLM sampler, but method.sampler={sampler!r}; "
                          "set method.sampler=vllm or drop method.vllm")
+    check_keys("method.vllm.", vllm, list(VLLM_OPTIONS))
     for key, value in vllm.items():
-        tp = VLLM_OPTIONS.get(key)
-        if tp is None:
-            raise ValueError(f"config: unknown key 'method.vllm.{key}'; valid keys: {', '.join(VLLM_OPTIONS)}")
-        ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok or (tp in (int, float) and not value > 0):
+        tp = VLLM_OPTIONS[key]
+        if not type_ok(value, tp) or (tp in (int, float) and not value > 0):
             raise ValueError(f"method.vllm.{key}={value!r} must be a {'positive ' if tp in (int, float) else ''}"
                              f"{tp.__name__}")
 

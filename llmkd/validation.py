@@ -20,13 +20,13 @@ def check_keys(where: str, raw: dict, valid: list[str]) -> None:
             raise ValueError(f"config: unknown key {where + str(key)!r}{_nearest(key, valid)}")
 
 
-def _type_ok(value: Any, tp: Any) -> bool:
+def type_ok(value: Any, tp: Any) -> bool:
     """A small structural type check for YAML values (covers the annotations used here)."""
     if tp is Any or value is None and _optional(tp):
         return True
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
+        return any(type_ok(value, a) for a in typing.get_args(tp))
     if origin is typing.Literal:
         return value in typing.get_args(tp)
     if origin in (list, dict, tuple):
@@ -51,14 +51,14 @@ def coerce(where: str, raw: dict, cls: type | dict[str, Any]) -> dict:
     out = {}
     for key, value in raw.items():
         tp = hints.get(key, Any)
-        if isinstance(value, bool) and key.endswith("_strategy") and not _type_ok(value, tp):
+        if isinstance(value, bool) and key.endswith("_strategy") and not type_ok(value, tp):
             value = "yes" if value else "no"    # YAML 1.1 reads save_strategy: no as False
-        if isinstance(value, str) and not _type_ok(value, tp) and _type_ok(1.0, tp):
+        if isinstance(value, str) and not type_ok(value, tp) and type_ok(1.0, tp):
             try:
                 value = float(value)
             except ValueError:
                 pass
-        if not _type_ok(value, tp):
+        if not type_ok(value, tp):
             raise ValueError(f"config: {where}{key}={value!r} has type {type(value).__name__}; "
                              f"expected {getattr(tp, '__name__', tp)}")
         out[key] = value

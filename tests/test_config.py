@@ -14,7 +14,7 @@ import yaml
 
 from llmkd.config import (check_config, config_from_dict, config_help, load_config, read_yaml_mapping,
                           training_args_schema)
-from llmkd.validation import _type_ok
+from llmkd.validation import type_ok
 
 
 def base(tiny_pair, out: Path) -> dict:
@@ -63,7 +63,7 @@ def test_schema_read_from_source_matches_training_arguments():
     assert set(types) == real
     for name in real - {"parallelism_config"}:   # an accelerate class: accepted as anything here
         for value in (1, 1.5, "x", True, None, [1], {"a": 1}):
-            assert _type_ok(value, types[name]) == _type_ok(value, hints[name]), (name, value)
+            assert type_ok(value, types[name]) == type_ok(value, hints[name]), (name, value)
     assert set(choices["lr_scheduler_type"]) == {e.value for e in SchedulerType}
     assert set(choices["optim"]) == {e.value for e in OptimizerNames}
     assert set(choices["save_strategy"]) == {e.value for e in SaveStrategy}
