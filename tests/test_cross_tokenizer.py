@@ -137,6 +137,47 @@ def naive_uld(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
     return total
 
 
+@pytest.mark.parametrize("chunk_size", [0, 3])
+def test_alm_unbiased_equals_naive_loops(xtok, chunk_size: int) -> None:
+    """Debiased ALM: chunks joined up to word ends; each chunk's l plus log P(next token starts
+    a word) on each side (not for the eos chunk). Float64 loops, values and gradients."""
+    from llmkd.alignment import boundary_token_ids
+
+    method, teacher, student = make_method(xtok, loss="alm_unbiased", chunk_size=chunk_size)
+    assert method.params.tau == 100.0
+    feats, batch = batch_of(method)
+    s_tok, t_tok = method.student_tokenizer, method.teacher_tokenizer
+    s_b, t_b = boundary_token_ids(s_tok), boundary_token_ids(t_tok)
+    assert s_tok.convert_tokens_to_ids("\u0120the") in s_b or any(s_tok.decode([i]).startswith(" ") for i in s_b)
+    s_out = forward_head(student, batch, hidden=chunk_size > 0, vocab=method.vocab_size)
+    loss, metrics = method.loss(s_out, method.teacher_targets(batch), batch, None)
+    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    t_logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
+    terms = []
+    for i, row in enumerate(feats):
+        text = ROWS["response"][i]
+        l_s = naive_chunk_logps(s_logits[i], batch["input_ids"][i], row["chunk_spans"], 0)
+        l_t = naive_chunk_logps(t_logits[i].detach(), batch["teacher_input_ids"][i], row["chunk_spans"], 1)
+        for k, (a0, a1, b0, b1) in enumerate(row["chunk_spans"]):
+            chunk = t_tok.decode(batch["teacher_input_ids"][i][b0:b1])
+            if k < len(row["chunk_spans"]) - 1:     # a word: the text goes on with whitespace
+                rest = text[len(t_tok.decode(batch["teacher_input_ids"][i][row["chunk_spans"][0][2]:b1])):]
+                assert rest == "" or rest[0].isspace()
+                ls = l_s[k] + torch.log(torch.softmax(s_logits[i, a1 - 1].double(), -1)[s_b].sum())
+                lt = l_t[k] + torch.log(torch.softmax(t_logits[i, b1 - 1].detach().double(), -1)[t_b].sum())
+            else:
+                assert chunk == t_tok.eos_token
+                ls, lt = l_s[k], l_t[k]
+            a, b = torch.exp(lt / 100), torch.exp(ls / 100)
+            terms.append(-(a * torch.log(b) + (1 - a) * torch.log(1 - b)))
+    ref = torch.stack(terms).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-10)
+    g, = torch.autograd.grad(loss, student.model.embed_tokens.weight)
+    g_ref, = torch.autograd.grad(ref, student.model.embed_tokens.weight)
+    torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-10)
+    assert metrics["unpaired_chunks"] == 0.0 and "alm_unbiased" in metrics
+
+
 @pytest.mark.parametrize("chunk_size,params", [(0, {"ce_weight": 0.0, "uld_weight": 1.0}),
                                                (3, {"ce_weight": 0.0, "uld_weight": 1.0}), (3, {})])
 def test_uld_method_compares_the_positions_before_each_chunk(xtok, chunk_size: int, params: dict) -> None:
