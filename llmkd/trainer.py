@@ -218,11 +218,12 @@ class DistillationTrainer(Trainer):
         otherwise trains on to NaN weights, overwrites good checkpoints and exits 0."""
         norm = float(grad_norm) if grad_norm is not None else 0.0
         skipped = getattr(self.accelerator, "optimizer_step_was_skipped", False)   # fp16 overflow: no update
-        bad = not (math.isfinite(self._last_loss) and (math.isfinite(norm) or skipped))
-        if not bad and self.control.should_save:     # the update itself can overflow the weights
-            bad = not self._weights_finite(model)
-        if bad:
-            self._stop_non_finite(norm)
+        if not math.isfinite(self._last_loss):
+            self._stop_non_finite(f"the loss is {self._last_loss}")
+        if not (math.isfinite(norm) or skipped):
+            self._stop_non_finite(f"the gradient norm is {norm}")
+        if self.control.should_save and not self._weights_finite(model):   # the update itself overflowed
+            self._stop_non_finite("the updated weights are not finite")
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
 
     def _weights_finite(self, model: torch.nn.Module) -> bool:
@@ -232,16 +233,15 @@ class DistillationTrainer(Trainer):
             ok = self.accelerator.reduce(ok, reduction="mean")
         return bool(ok.item() == 1.0)
 
-    def _stop_non_finite(self, norm: float) -> None:
+    def _stop_non_finite(self, what: str) -> None:
         from llmkd.checkpoint import RunFailed, find_checkpoint
 
         found, _ = find_checkpoint(self.args.output_dir)
         kept = (f"the newest good checkpoint is {found}; to continue from it with a lower learning_rate: "
                 "--set resume_from_checkpoint=true --set allow_config_change=true" if found
                 else "no checkpoint was saved; lower learning_rate (or set max_grad_norm) and start over")
-        raise RunFailed(f"step {self.state.global_step}: the loss is {self._last_loss:.4g} and the gradient "
-                        f"norm {norm:.4g} (or the updated weights are not finite): training stopped without "
-                        f"saving this step; {kept}")
+        raise RunFailed(f"step {self.state.global_step}: {what}; training stopped without saving this "
+                        f"step; {kept}")
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Atomic: written to a staging dir (method state included), renamed when complete."""
