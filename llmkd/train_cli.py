@@ -26,8 +26,15 @@ resume, interrupt, overwrite:
                       given checkpoint-N). Checkpoints are written to output_dir/.staging and
                       renamed when complete, so a killed save never leaves one that breaks resume.
   --set overwrite_output_dir=true
-                      start over in a non-empty output_dir; its old checkpoint-* dirs are deleted.
-  Without either, a non-empty output_dir is refused and nothing is written.
+                      start over in an earlier llmkd run's output_dir; its old checkpoint-* dirs
+                      are deleted. A directory llmkd did not write (no .llmkd-run mark) is refused.
+  --set allow_config_change=true
+                      resume although the training config (learning rate, method, data, ...)
+                      differs from the checkpoint's; without it the differing fields are listed.
+  Without resume or overwrite, a non-empty output_dir is refused and nothing is written. An
+  output_dir inside (or holding) a model or data directory is always refused; one run at a time
+  holds output_dir/.llmkd.lock. Disk full or a NaN/inf loss: one line, exit 1, last good
+  checkpoint kept.
 """
 
 
