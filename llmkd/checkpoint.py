@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from llmkd.outdir import mark_output_dir
 from llmkd.preflight import weights_problem
 
 if TYPE_CHECKING:
@@ -180,6 +181,7 @@ def resolve_resume(args: TrainingArguments, resume: str | bool | None, model: An
                 shutil.rmtree(d)
     if main:
         shutil.rmtree(out / STAGING, ignore_errors=True)
+        mark_output_dir(out)          # also for runs started from Python (the quickstart)
     return resume or None
 
 

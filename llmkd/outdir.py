@@ -89,8 +89,15 @@ def claim_output_dir(output_dir: str | Path, *, main: bool = True) -> Iterator[N
                                 f"(pid {holder}); wait for it to end, or choose another output_dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-        if not (p / MARKER).is_file():
-            (p / MARKER).write_text(json.dumps({"written_by": "llmkd distill"}) + "\n")
+        mark_output_dir(p)
         yield
     finally:
         os.close(fd)           # closing the descriptor releases the lock (so does process exit)
+
+
+def mark_output_dir(output_dir: str | Path) -> None:
+    """Mark output_dir as an llmkd run's (what overwrite_output_dir may later replace)."""
+    p = Path(output_dir).expanduser()
+    p.mkdir(parents=True, exist_ok=True)
+    if not (p / MARKER).is_file():
+        (p / MARKER).write_text(json.dumps({"written_by": "llmkd"}) + "\n")

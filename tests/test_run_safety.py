@@ -186,3 +186,16 @@ def test_resume_with_a_changed_config_needs_allow_config_change(tiny_pair, two_c
     assert "with a changed training config: learning_rate: 0.001 -> 0.002; method.params.kind" in capsys.readouterr().err
     config_from_dict(run_config(tiny_pair, out, max_steps=8, save_steps=4, resume_from_checkpoint=True))  # length, saving: free
 
+
+
+def test_overwrite_accepts_an_earlier_runs_output_from_python_too(tiny_pair, two_checkpoints, tmp_path):
+    """A run started from Python (as the quickstart does) marks its output_dir as well, so a rerun
+    with overwrite_output_dir works; the same directory plus a foreign file still does not."""
+    from llmkd.outdir import MARKER
+
+    assert (two_checkpoints / MARKER).is_file()
+    out = _copy(two_checkpoints, tmp_path / "run")
+    assert config_from_dict(run_config(tiny_pair, out, overwrite_output_dir=True)).overwrite_output_dir
+    (out / MARKER).unlink()
+    with pytest.raises(FileExistsError, match="holds files no llmkd run wrote"):
+        config_from_dict(run_config(tiny_pair, out, overwrite_output_dir=True))
