@@ -12,14 +12,17 @@ No model library is imported at module level: the config validation uses the dis
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from llmkd.outdir import mark_output_dir
 from llmkd.preflight import weights_problem
 
 if TYPE_CHECKING:
@@ -28,27 +31,106 @@ if TYPE_CHECKING:
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"             # checkpoints being written; never resumed from
 TRAINER_STATE = "trainer_state.json"
+TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth")   # torch zip archives the Trainer loads
+
+
+class RunFailed(RuntimeError):
+    """Training stopped on a failure it explains in one line (disk full, a non-finite loss); the
+    newest complete checkpoint is untouched. The CLI prints the line and exits 1."""
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
-    """None if `path` is a checkpoint the Trainer can resume from; else what is missing."""
+    """None if `path` looks like a checkpoint the Trainer can resume from (file headers only);
+    else what is wrong, naming the file."""
     p = Path(path)
     if not p.is_dir():
         return "not a directory"
     try:
-        json.loads((p / TRAINER_STATE).read_text())
+        state = json.loads((p / TRAINER_STATE).read_text())
     except FileNotFoundError:
+        if (p / "config.json").is_file() and weights_problem(p) is None:
+            return (f"no {TRAINER_STATE}: {p} is a model directory, not a training checkpoint; to start "
+                    "from its weights, set model.student to it")
         return f"no {TRAINER_STATE}"
     except (OSError, ValueError):
-        return f"{TRAINER_STATE} is unreadable"
+        return f"{p / TRAINER_STATE} is unreadable (not JSON)"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step", 0), int):
+        return f"{p / TRAINER_STATE} is not a Trainer state (no JSON object with an integer global_step)"
     if (p / "latest").is_file():   # DeepSpeed: weights and optimizer live in its global_step* dir
         return None
+    for name in TORCH_FILES:
+        if (p / name).exists() and not _zip_ok(p / name):
+            return f"{p / name} is damaged (not a complete torch archive)"
     return weights_problem(p)
 
 
-def find_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+def _zip_ok(path: Path) -> bool:
+    """torch.save writes a zip archive: its central directory must parse and hold data.pkl."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def load_problem(path: str | Path, model: Any) -> str | None:
+    """What the Trainer would fail on when resuming `model` from `path` (None: nothing): its
+    trainer state, weights of another model (names or shapes differ), an optimizer, scheduler or
+    RNG file torch cannot load. Reads headers and maps the torch files (no full load)."""
+    import torch
+    from transformers import TrainerState
+
+    p = Path(path)
+    try:
+        TrainerState.load_from_json(str(p / TRAINER_STATE))
+    except (TypeError, ValueError, OSError) as err:
+        return f"{p / TRAINER_STATE} is not a Trainer state ({' '.join(str(err).split())[:80]})"
+    if (p / "latest").is_file():
+        return None
+    problem = _weights_mismatch(p, model)
+    if problem:
+        return problem
+    for name in TORCH_FILES[:2]:      # rng_state.pth needs numpy globals: its zip check must do
+        if (p / name).exists():
+            try:
+                torch.load(p / name, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:   # noqa: BLE001  (torch raises many types on a bad archive)
+                return f"{p / name} cannot be loaded ({' '.join(str(err).split())[:80]})"
+    return None
+
+
+def _weights_mismatch(p: Path, model: Any) -> str | None:
+    """The checkpoint's tensors (safetensors headers) against the model's: another model's
+    checkpoint shares no names, or shares names with other shapes."""
+    from llmkd.preflight import SAFE_INDEX
+
+    files = [p / n for n in ("model.safetensors", "adapter_model.safetensors") if (p / n).exists()]
+    if (p / SAFE_INDEX).exists():
+        files = [p / n for n in sorted(set(json.loads((p / SAFE_INDEX).read_text())["weight_map"].values()))]
+    ours = {k.replace(".default", ""): tuple(v.shape) for k, v in model.state_dict().items()}
+    shared = 0
+    for f in files:
+        with f.open("rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name not in ours:
+                return f"{f} holds {name}, which the student lacks: the checkpoint belongs to another model"
+            shared += 1
+            if tuple(info.get("shape", ())) != ours[name]:
+                return (f"{f} holds {name} of shape {tuple(info['shape'])} but the student's is "
+                        f"{ours[name]}: the checkpoint belongs to another model")
+    if files and not shared:
+        return f"{files[0]} shares no tensor name with the student: the checkpoint belongs to another model"
+    return None
+
+
+def find_checkpoint(output_dir: str | Path, problem: Callable[[Path], str | None] = checkpoint_problem
+                    ) -> tuple[Path | None, list[tuple[Path, str]]]:
     """(newest complete checkpoint-N under `output_dir` or None, [(incomplete dir, why)]) where
-    the incomplete ones are interrupted staged saves and damaged checkpoint dirs newer than it."""
+    the incomplete ones are interrupted staged saves and damaged checkpoint dirs newer than it.
+    `problem` decides what counts as complete (default: from file headers)."""
     out = Path(output_dir)
     skipped: list[tuple[Path, str]] = []
     staging = out / STAGING
@@ -57,10 +139,10 @@ def find_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[tuple[Pat
     found = sorted(((int(m[1]), d) for d in (out.iterdir() if out.is_dir() else ())
                     if (m := CHECKPOINT.match(d.name)) and d.is_dir()), reverse=True)
     for _, d in found:
-        problem = checkpoint_problem(d)
-        if problem is None:
+        why = problem(d)
+        if why is None:
             return d, skipped
-        skipped.append((d, problem))
+        skipped.append((d, why))
     return None, skipped
 
 
@@ -68,15 +150,19 @@ def describe_skipped(skipped: list[tuple[Path, str]]) -> str:
     return "; ".join(f"skipped incomplete {d} ({why})" for d, why in skipped)
 
 
-def resolve_resume(args: TrainingArguments, resume: str | bool | None) -> str | None:
-    """The checkpoint to resume from: `true` -> the newest complete one (naming any incomplete
-    ones it skipped, on stderr), a path -> that checkpoint if complete. Starting fresh with
+def resolve_resume(args: TrainingArguments, resume: str | bool | None, model: Any = None) -> str | None:
+    """The checkpoint to resume from: `true` -> the newest one that loads into `model` (naming
+    any it skipped, on stderr), a path -> that checkpoint if it loads. Starting fresh with
     overwrite_output_dir clears the old run's checkpoints, so a later `resume=true` can never
     pick one of them. Stale staging dirs of killed saves are removed either way."""
     out = Path(args.output_dir)
     main = args.should_save
+
+    def problem(d: Path) -> str | None:
+        return checkpoint_problem(d) or (load_problem(d, model) if model is not None else None)
+
     if resume is True:
-        found, skipped = find_checkpoint(out)
+        found, skipped = find_checkpoint(out, problem)
         if found is None:
             raise ValueError(f"resume_from_checkpoint=true but output_dir={str(out)!r} has no complete "
                              "checkpoint" + (f" ({describe_skipped(skipped)})" if skipped else "")
@@ -85,16 +171,17 @@ def resolve_resume(args: TrainingArguments, resume: str | bool | None) -> str | 
             print(f"llmkd: {describe_skipped(skipped)}; resuming from {found}", file=sys.stderr)
         resume = str(found)
     elif resume:
-        problem = checkpoint_problem(resume)
-        if problem:
-            raise ValueError(f"resume_from_checkpoint={str(resume)!r} is not a complete checkpoint "
-                             f"({problem}); give another checkpoint-N, or true for the newest complete one")
+        why = problem(Path(resume))
+        if why:
+            raise ValueError(f"resume_from_checkpoint={str(resume)!r} cannot be resumed from ({why}); "
+                             "give another checkpoint-N, or true for the newest one that loads")
     elif main and getattr(args, "overwrite_output_dir", False) and out.is_dir():
         for d in out.iterdir():
             if CHECKPOINT.match(d.name) and d.is_dir():
                 shutil.rmtree(d)
     if main:
         shutil.rmtree(out / STAGING, ignore_errors=True)
+        mark_output_dir(out)          # also for runs started from Python (the quickstart)
     return resume or None
 
 
@@ -117,12 +204,19 @@ def save_checkpoint(trainer: Trainer, model: Any, trial: Any, save: Callable[[An
     trainer._get_output_dir = lambda trial=None: str(staging_root)
     try:
         save(model, trial)
+        if main:
+            for filename, text in extra_files.items():
+                (staged / filename).write_text(text)
+    except Exception as err:
+        if not _disk_full(err, staging_root):
+            raise
+        needed = _tree_size(staged)
+        shutil.rmtree(staging_root, ignore_errors=True)       # frees what the failed save wrote
+        raise RunFailed(_disk_full_message(run_dir, name, needed)) from None
     finally:
         del trainer._get_output_dir
     state = trainer.state
     if main:
-        for filename, text in extra_files.items():
-            (staged / filename).write_text(text)
         if state.best_model_checkpoint == str(staged):   # recorded while saving: use the real path
             state.best_model_checkpoint = str(final)
             state.save_to_json(str(staged / TRAINER_STATE))
@@ -136,3 +230,97 @@ def save_checkpoint(trainer: Trainer, model: Any, trial: Any, save: Callable[[An
                            best_model_checkpoint=state.best_model_checkpoint, use_mtime=True)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+# -- disk full ---------------------------------------------------------------------------------
+DISK_FULL_TEXT = ("No space left", "os error 28", "StorageFull", "Disk quota exceeded")
+
+
+def _disk_full(err: BaseException, where: Path) -> bool:
+    """A save failed for lack of space. torch and safetensors rarely raise OSError(ENOSPC) (torch
+    on a full tmpfs: "enforce fail at inline_container.cc: unexpected pos"), so also ask the file
+    system: a failed write leaves it (almost) full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(t in str(err) for t in DISK_FULL_TEXT):
+        return True
+    try:
+        return shutil.disk_usage(_existing(where)).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _existing(p: Path) -> Path:
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def _tree_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+
+def _disk_full_message(run_dir: Path, name: str, written: int) -> str:
+    """One line: where, how much is free, about how much a checkpoint needs, what is intact."""
+    previous, _ = find_checkpoint(run_dir)
+    need = max(_tree_size(previous) if previous else 0, written)
+    free = shutil.disk_usage(_existing(run_dir)).free
+    mb = 2**20
+    kept = (f"the newest complete checkpoint is still {previous}; resume with --set "
+            "resume_from_checkpoint=true" if previous else "no checkpoint was saved")
+    return (f"disk full while saving {name} in {run_dir}: a checkpoint needs about {need / mb:.1f} MB "
+            f"(at least {written / mb:.1f} MB were written before the failure), {free / mb:.1f} MB are free; "
+            f"free space there (or lower save_total_limit); {kept}")
+
+
+# -- a resume with another training config -----------------------------------------------------
+TRAINING_FIELDS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
+                   "weight_decay", "max_grad_norm", "optim", "optim_args", "adam_beta1", "adam_beta2",
+                   "adam_epsilon", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+                   "label_smoothing_factor", "bf16", "fp16", "model", "data", "method")
+ARGS_FILE = "training_args.json"
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'field: old -> new' for the fields that decide what the run computes (the logging,
+    saving and length of a run may change freely on resume)."""
+    fields = [k for k in TRAINING_FIELDS if k in saved]      # an older checkpoint may lack some
+    old, new = _flat({k: saved[k] for k in fields}), _flat({k: now.get(k) for k in fields})
+    keys = list(old) + [k for k in new if k not in old]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'method': {'params': {'kind': 'fkl'}}} -> {'method.params.kind': 'fkl'}."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(cfg: Any) -> None:
+    """Resuming continues the checkpoint's run: a changed learning rate, method, data... would
+    silently train something else. List the differences; go on only with allow_config_change."""
+    resume = getattr(cfg, "resume_from_checkpoint", None)
+    if not resume:
+        return
+    ckpt = find_checkpoint(cfg.output_dir)[0] if resume is True else Path(resume)
+    args_file = ckpt / ARGS_FILE if ckpt else None
+    if args_file is None or not args_file.is_file():
+        return          # nothing recorded (an older checkpoint): nothing to compare
+    try:
+        saved = json.loads(args_file.read_text())
+    except (OSError, ValueError):
+        return
+    changes = config_changes(saved, json.loads(cfg.to_json_string()))
+    if not changes:
+        return
+    listed = "; ".join(changes)
+    if not cfg.allow_config_change:
+        raise ValueError(f"config: resuming from {ckpt} with a changed training config ({listed}); "
+                         "restore those values, or set allow_config_change=true to continue with the new ones")
+    if cfg.should_save:
+        print(f"llmkd: resuming from {ckpt} with a changed training config: {listed}", file=sys.stderr)

@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from llmkd import config_checks
+from llmkd.outdir import check_not_an_input
 from llmkd.validation import check_keys, coerce  # noqa: F401  (check_keys, coerce: re-exported)
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -73,7 +75,8 @@ class MethodSpec:
 
 SECTIONS = {"model": ModelSpec, "data": DataSpec}
 # top-level keys DistillationConfig adds to TrainingArguments
-EXTRA_KEYS: dict[str, Any] = {"model": dict, "data": dict, "method": dict, "overwrite_output_dir": bool}
+EXTRA_KEYS: dict[str, Any] = {"model": dict, "data": dict, "method": dict, "overwrite_output_dir": bool,
+                              "allow_config_change": bool}
 
 
 def __getattr__(name: str) -> Any:
@@ -95,6 +98,7 @@ def _distillation_config() -> type:
         data: DataSpec = field(default_factory=DataSpec)
         method: MethodSpec = field(default_factory=MethodSpec)
         overwrite_output_dir: bool = False   # start over in a non-empty output_dir (old checkpoints go)
+        allow_config_change: bool = False    # resume although the training config differs from the checkpoint's
 
         def to_dict(self) -> dict[str, Any]:
             d = super().to_dict()
@@ -384,6 +388,7 @@ def _check_data(d: DataSpec) -> None:
 
 def _check_output(top: dict[str, Any], resume: Any) -> None:
     from llmkd.checkpoint import checkpoint_problem, describe_skipped, find_checkpoint
+    from llmkd.outdir import check_overwrite, foreign_entries
     from llmkd.preflight import check_output_dir
 
     out = Path(top["output_dir"]).expanduser()
@@ -407,7 +412,9 @@ def _check_output(top: dict[str, Any], resume: Any) -> None:
         if problem:
             raise ValueError(f"config: resume_from_checkpoint={resume!r} is not a complete checkpoint "
                              f"({problem}); give another checkpoint-N, or true for the newest complete one")
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+    elif overwrite:
+        check_overwrite(out)
+    elif foreign_entries(out):
         has_ckpt = find_checkpoint(out)[0] is not None
         raise FileExistsError(
             f"config: output_dir={str(out)!r} exists and is not empty"
@@ -442,17 +449,26 @@ def check_config(raw: dict) -> dict[str, Any]:
     params.check_teacher_mode(teacher_mode(kwargs["model"]))
     if kwargs["model"].lora is not None:
         check_lora_keys(kwargs["model"].lora)
+        config_checks.check_lora_values(kwargs["model"].lora)
     resume = raw.pop("resume_from_checkpoint", None)   # a path, or true = the newest checkpoint
     if not isinstance(resume, (str, bool, type(None))):
         raise ValueError(f"config: resume_from_checkpoint={resume!r}; give true or a checkpoint-N path")
     top = coerce("", raw, {**types, **EXTRA_KEYS})
     top.setdefault("output_dir", "runs/distill")
+    for where, section in (("", top), ("model", dataclasses.asdict(kwargs["model"])),
+                           ("data", dataclasses.asdict(kwargs["data"])), ("method", dataclasses.asdict(params))):
+        config_checks.check_finite(where, section)
     _check_training_values(top, choices)
+    config_checks.check_seeds(top, kwargs["data"].seed)
+    config_checks.check_launcher(top)
     _check_model(kwargs["model"])
+    if kwargs["model"].student is None:
+        config_checks.check_student_layers(kwargs["model"].student_layers, kwargs["model"].teacher)
     if kwargs["model"].teacher_mode == "offline" and not kwargs["data"].path:
         raise ValueError("config: model.teacher_mode=offline needs data.path pointing at an "
                          "`llmkd generate` output directory (it holds the teacher top-k columns)")
     _check_data(kwargs["data"])
+    check_not_an_input(top["output_dir"], input_paths(kwargs["model"], kwargs["data"]))
     _check_output(top, resume)
     if resume not in (None, False):
         top["resume_from_checkpoint"] = resume if resume is True else str(resume)
@@ -461,10 +477,20 @@ def check_config(raw: dict) -> dict[str, Any]:
     return {**top, **kwargs}
 
 
+def input_paths(m: ModelSpec, d: DataSpec) -> dict[str, str | None]:
+    """The local paths a run reads, by config field (an output_dir must stay clear of them)."""
+    recipe = d.recipe if d.recipe and d.recipe.endswith((".yaml", ".yml")) else None
+    return {"model.teacher": m.teacher, "model.student": m.student, "data.path": d.path, "data.recipe": recipe}
+
+
 def config_from_dict(raw: dict) -> Any:
     """Build and validate a DistillationConfig from a plain dict (what YAML gives)."""
+    from llmkd.checkpoint import check_resume_config
+
     kwargs = check_config(raw)                # first: it imports no model library
-    return _distillation_config()(**kwargs)
+    cfg = _distillation_config()(**kwargs)
+    check_resume_config(cfg)                  # a resume whose training config changed
+    return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Any:

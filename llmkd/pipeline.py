@@ -141,6 +141,8 @@ def build_trainer(cfg: DistillationConfig):
     if cfg.data.path and is_generated_dir(cfg.data.path) and method.uses_generated_token_ids:
         check_generated_tokenizer(cfg.data.path, student_tok)
     train, evals = build_datasets(cfg, method)
+    if m.lora:
+        check_lora_targets_early(cfg)
     teacher, student = build_models(cfg)
     return DistillationTrainer(model=student, args=cfg, teacher=teacher, method=method,
                                processing_class=student_tok, teacher_processing_class=teacher_tok,
@@ -163,3 +165,21 @@ def check_generated_tokenizer(path: str | Path, student_tok: PreTrainedTokenizer
             f"(sha {recorded['sha'][:12]}) but the student's has {ours['size']} (sha "
             f"{ours['sha'][:12]}): the stored token ids would not mean the same tokens. Use a student "
             "with the teacher's tokenizer, or regenerate the data with a matching teacher")
+
+
+def check_lora_targets_early(cfg: DistillationConfig) -> None:
+    """model.lora.target_modules against the student's module names, from an empty (meta-device)
+    model built from config.json: a typo fails before any weights load, not in peft after."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmkd.config_checks import check_lora_targets
+
+    targets = cfg.model.lora.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return
+    source = cfg.model.student if cfg.model.student is not None else cfg.model.teacher
+    config = AutoConfig.from_pretrained(resolve_model_name(source), trust_remote_code=False)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    check_lora_targets(cfg.model.lora, [name for name, _ in skeleton.named_modules()])

@@ -87,8 +87,7 @@ class ServedTeacher:
         raise TeacherServerError(
             f"teacher server {self.url} did not answer {path} after {self.retries + 1} attempts over "
             f"{time.monotonic() - started:.0f} s (last error: {last}); check that it is running and "
-            "reachable (llmkd serve-teacher CONFIG starts one), then resume the run with "
-            "--set resume_from_checkpoint=true") from last
+            "reachable (llmkd serve-teacher CONFIG starts one)") from last
 
     def model_info(self) -> dict[str, Any]:
         """The served model's id and max_model_len (`/v1/models`, asked once)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from collections import defaultdict
@@ -49,6 +50,7 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._step_loss = 0.0
+        self._last_loss = 0.0        # the finished optimizer step's loss (all ranks agree)
         self._sampler: Sampler | None = None
         if teacher is not None:
             self._place_teacher()
@@ -207,7 +209,39 @@ class DistillationTrainer(Trainer):
         if self.args.world_size > 1:
             value = self.accelerator.reduce(value, reduction="mean")
         self._step_loss = 0.0
+        self._last_loss = float(value)
         self.method.on_step_end(self.state.global_step, float(value))
+
+    def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm: Any, model: torch.nn.Module,
+                                 *args: Any, **kwargs: Any) -> None:
+        """Stop before logging or saving a step whose numbers are not finite: an exploding run
+        otherwise trains on to NaN weights, overwrites good checkpoints and exits 0."""
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        skipped = getattr(self.accelerator, "optimizer_step_was_skipped", False)   # fp16 overflow: no update
+        if not math.isfinite(self._last_loss):
+            self._stop_non_finite(f"the loss is {self._last_loss}")
+        if not (math.isfinite(norm) or skipped):
+            self._stop_non_finite(f"the gradient norm is {norm}")
+        if self.control.should_save and not self._weights_finite(model):   # the update itself overflowed
+            self._stop_non_finite("the updated weights are not finite")
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
+
+    def _weights_finite(self, model: torch.nn.Module) -> bool:
+        ok = torch.tensor(float(all(bool(torch.isfinite(p).all()) for p in model.parameters())),
+                          device=self.args.device)
+        if self.args.world_size > 1:      # every rank checks its own shard; all must agree
+            ok = self.accelerator.reduce(ok, reduction="mean")
+        return bool(ok.item() == 1.0)
+
+    def _stop_non_finite(self, what: str) -> None:
+        from llmkd.checkpoint import RunFailed, find_checkpoint
+
+        found, _ = find_checkpoint(self.args.output_dir)
+        kept = (f"the newest good checkpoint is {found}; to continue from it with a lower learning_rate: "
+                "--set resume_from_checkpoint=true --set allow_config_change=true" if found
+                else "no checkpoint was saved; lower learning_rate (or set max_grad_norm) and start over")
+        raise RunFailed(f"step {self.state.global_step}: {what}; training stopped without saving this "
+                        f"step; {kept}")
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Atomic: written to a staging dir (method state included), renamed when complete."""
@@ -232,7 +266,7 @@ class DistillationTrainer(Trainer):
 
         if resume_from_checkpoint is None and self.args.resume_from_checkpoint:
             resume_from_checkpoint = self.args.resume_from_checkpoint
-        resume_from_checkpoint = resolve_resume(self.args, resume_from_checkpoint)
+        resume_from_checkpoint = resolve_resume(self.args, resume_from_checkpoint, self.model)
         if resume_from_checkpoint:
             state_file = Path(resume_from_checkpoint) / METHOD_STATE
             if state_file.exists():

@@ -17,7 +17,7 @@ def _nearest(key: str, valid: list[str]) -> str:
 def check_keys(where: str, raw: dict, valid: list[str]) -> None:
     for key in raw:
         if key not in valid:
-            raise ValueError(f"config: unknown key {where + str(key)!r}{_nearest(key, valid)}")
+            raise ValueError(f"config: unknown key {where + str(key)!r}{_nearest(str(key), valid)}")
 
 
 def type_ok(value: Any, tp: Any) -> bool:

@@ -19,6 +19,7 @@ import yaml
 
 from llmkd.checkpoint import STAGING, checkpoint_problem, find_checkpoint
 from llmkd.config import config_from_dict
+from llmkd.outdir import MARKER
 from llmkd.pipeline import build_trainer
 
 MAX_STEPS = 8
@@ -108,6 +109,7 @@ def test_overwrite_output_dir_starts_over(tiny_pair, tmp_path):
     out = tmp_path / "run"
     old = out / "checkpoint-99"
     old.mkdir(parents=True)
+    (out / MARKER).write_text("{}")          # an earlier llmkd run's output_dir
     (old / "trainer_state.json").write_text("{}")
     shutil.copy(Path(tiny_pair[1]) / "model.safetensors", old)
     trainer = build_trainer(config_from_dict(run_config(tiny_pair, out, max_steps=2, overwrite_output_dir=True)))

@@ -135,6 +135,44 @@ def with_checkpoint(complete: bool) -> Callable[[Path, dict], None]:
     return apply
 
 
+def copied(role: str, out: Callable[[Path, Path], Path] | None = None,
+           extra: Callable[[Path, dict], None] = lambda tmp, cfg: None) -> Callable[[Path, dict], None]:
+    """model.<role> becomes a copy in the work dir; output_dir = out(tmp, copy) when given."""
+    def apply(tmp: Path, cfg: dict) -> None:
+        d = model_copy(tmp, cfg["model"][role], role)
+        cfg["model"][role] = str(d)
+        if out is not None:
+            cfg["output_dir"] = str(out(tmp, d))
+        extra(tmp, cfg)
+    return apply
+
+
+def checkpoint_with(name: str, content: bytes | str) -> Callable[[Path, dict], None]:
+    """A complete checkpoint whose `name` holds `content`, given as resume_from_checkpoint."""
+    def apply(tmp: Path, cfg: dict) -> None:
+        with_checkpoint(complete=True)(tmp, cfg)
+        ckpt = Path(cfg["output_dir"]) / "checkpoint-3"
+        (ckpt / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        cfg["resume_from_checkpoint"] = str(ckpt)
+    return apply
+
+
+HELD: list[int] = []      # lock descriptors this process holds during a case
+
+
+def another_run_holds_the_lock(tmp: Path, cfg: dict) -> None:
+    import fcntl
+
+    from llmkd.outdir import LOCK
+
+    out = Path(cfg["output_dir"])
+    out.mkdir()
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"4242")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    HELD.append(fd)
+
+
 def eval_argv(model: Callable[[Path], str], *extra: str) -> Callable[[Path], list[str]]:
     return lambda tmp: ["eval", "--model", model(tmp), "--recipes", "arithmetic", "--backend", "hf",
                         "--out", str(tmp / "eval"), *extra]
@@ -232,6 +270,43 @@ CASES = {
                                 sets=["resume_from_checkpoint=/no/ckpt"]),
     "resume-and-overwrite": Case(("contradict",), with_checkpoint(complete=True),
                                  sets=["resume_from_checkpoint=true", "overwrite_output_dir=true"]),
+    # output_dir never an input; overwrite replaces only llmkd's files; one run at a time
+    "output-is-the-teacher": Case(("output_dir=", "is model.teacher=", "outside every model and data"),
+                                  copied("teacher", lambda tmp, d: d), sets=["overwrite_output_dir=true"]),
+    "output-holds-the-student": Case(("holds model.student=",), copied("student", lambda tmp, d: tmp)),
+    "output-inside-the-student": Case(("lies inside model.student=",), copied("student", lambda tmp, d: d / "run")),
+    "overwrite-foreign-files": Case(("overwrite_output_dir=true", "holds files no llmkd run wrote (README.md)"),
+                                    lambda tmp, cfg: (Path(cfg["output_dir"]).mkdir(),
+                                                      (Path(cfg["output_dir"]) / "README.md").write_text("x")),
+                                    sets=["overwrite_output_dir=true"]),
+    "output-dir-in-use": Case(("output_dir=", "in use by another llmkd run (pid 4242)"),
+                              another_run_holds_the_lock, light=False),
+    # non-finite numbers, seeds, LoRA, student layers, DeepSpeed: before any weights
+    "lr-inf": Case(("learning_rate=inf is not a finite number",), edit(learning_rate=float("inf"))),
+    "lr-nan-set": Case(("learning_rate=nan is not a finite number",), sets=["learning_rate=nan"]),
+    "method-param-inf": Case(("method.temperature=inf is not a finite number",), edit(**{"method.temperature": float("inf")})),
+    "seed-negative": Case(("seed=-1 is outside [0, 2**32 - 1]",), edit(seed=-1)),
+    "yaml-integer-key": Case(("unknown key '1'",), argv=raw_config("1: 2\n")),
+    "yaml-integer-key-in-section": Case(("unknown key 'model.7'",), argv=raw_config("model: {7: x}\n")),
+    "lora-r-string": Case(("model.lora.r='eight' must be a whole number",), edit(**{"model.lora": {"r": "eight"}})),
+    "lora-target-typo": Case(("model.lora.target_modules has ['q_prj']", "q_proj"),
+                             edit(**{"model.lora": {"r": 4, "target_modules": ["q_prj"]}}), light=False),
+    "student-layers-beyond-teacher": Case(("model.student_layers=[0, 5]", "[5] are not layers of the teacher (it has 2"),
+                                          edit(**{"model.student": None, "model.student_layers": [0, 5]})),
+    "student-layer-count-beyond-teacher": Case(("model.student_layers=3 but the teacher has 2 layers",),
+                                               edit(**{"model.student": None, "model.student_layers": 3})),
+    "deepspeed-without-launcher": Case(("deepspeed=", "needs a distributed launcher", "launch/torchrun.sh"),
+                                       edit(deepspeed=file_text("ds.json", "{}"))),
+    # damaged or foreign checkpoints
+    "resume-model-dir": Case(("is a model directory, not a training checkpoint", "set model.student"),
+                             lambda tmp, cfg: cfg.update(resume_from_checkpoint=cfg["model"]["student"])),
+    "resume-garbage-trainer-state": Case(("checkpoint-3/trainer_state.json is unreadable (not JSON)",),
+                                         checkpoint_with("trainer_state.json", "garbage{")),
+    "resume-trainer-state-not-a-state": Case(("trainer_state.json is not a Trainer state",),
+                                             checkpoint_with("trainer_state.json", "[1, 2]")),
+    "resume-garbage-optimizer": Case(("checkpoint-3/optimizer.pt is damaged",), checkpoint_with("optimizer.pt", b"\0" * 64)),
+    "resume-changed-config": Case(("changed training config", "learning_rate: 0.5 -> 5e-05", "allow_config_change=true"),
+                                  checkpoint_with("training_args.json", '{"learning_rate": 0.5}'), light=False),
     # found while loading data and tokenizers: still before any weights
     "num-train-exceeds-data": Case(("has 10 rows but data.num_train=16", "data.allow_fewer=true"),
                                    edit(**{"data.path": local_rows(10), "data.num_train": 16}), light=False),
@@ -267,6 +342,14 @@ def test_bad_input_one_line_exit_2_nothing_written(name, tiny_pair, tmp_path):
     argv = case.argv(work) if case.argv else ["distill", str(work / "cfg.yaml")]
     argv += [x for s in case.sets for x in ("--set", s)]
     before = snapshot(work)
+    try:
+        run_case(case, argv, work, tmp_path, before)
+    finally:
+        while HELD:
+            os.close(HELD.pop())
+
+
+def run_case(case: Case, argv: list[str], work: Path, tmp_path: Path, before: dict[str, float]) -> None:
     report = tmp_path / "imported.txt"
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(report), *argv], cwd=work, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

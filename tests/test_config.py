@@ -14,6 +14,7 @@ import yaml
 
 from llmkd.config import (check_config, config_from_dict, config_help, load_config, read_yaml_mapping,
                           training_args_schema)
+from llmkd.outdir import MARKER
 from llmkd.validation import type_ok
 
 
@@ -31,9 +32,11 @@ def write(tmp_path: Path, raw: dict) -> Path:
 
 
 def fake_checkpoint(out: Path, step: int, weights_from: str) -> Path:
-    """A directory the Trainer could resume from: trainer state + complete safetensors."""
+    """A directory the Trainer could resume from: trainer state + complete safetensors, in an
+    output_dir marked as an llmkd run's."""
     ckpt = out / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
+    (out / MARKER).write_text("{}")
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     shutil.copy(Path(weights_from) / "model.safetensors", ckpt / "model.safetensors")
     return ckpt
