@@ -57,6 +57,11 @@ ROWS: dict[str, dict[str, Any]] = {
     "fkl_then_fkl": {"name": "token_kd", "kind": "fkl", "from": "fkl"},
     "fkl_then_distillspec": {"name": "distillspec", "from": "fkl"},
     "fkl_then_distillspec_mix": {"name": "distillspec", "lmbda": 0.5, "from": "fkl"},
+    # controls for DistillSpec's collapse: the same on-policy loop under GKD's divergences, and
+    # the draft sampling at a lower temperature
+    "fkl_then_onpolicy_fkl": {"name": "token_kd", "kind": "fkl", "lmbda": 1.0, "from": "fkl"},
+    "fkl_then_onpolicy_jsd": {"name": "token_kd", "kind": "jsd", "beta": 0.5, "lmbda": 1.0, "from": "fkl"},
+    "fkl_then_distillspec_t05": {"name": "distillspec", "gen_temperature": 0.5, "from": "fkl"},
 }
 LABELS = {"sft": "SFT on teacher responses (CE)", "fkl": "forward KL", "rkl": "reverse KL",
           "jsd": "JSD(0.5)", "tvd": "TVD", "skew_fkl": "skew KL (λ 0.1)", "taid": "TAID",
@@ -64,6 +69,9 @@ LABELS = {"sft": "SFT on teacher responses (CE)", "fkl": "forward KL", "rkl": "r
           "fkl_then_fkl": "forward KL, then forward KL again", "fkl_then_distillspec":
           "forward KL, then DistillSpec", "fkl_then_distillspec_mix":
           "forward KL, then DistillSpec λ 0.5 (half teacher responses)",
+          "fkl_then_onpolicy_fkl": "forward KL, then on-policy forward KL (GKD)",
+          "fkl_then_onpolicy_jsd": "forward KL, then on-policy JSD(0.5) (GKD)",
+          "fkl_then_distillspec_t05": "forward KL, then DistillSpec sampling at T 0.5",
           "teacher": "teacher"}
 
 

@@ -377,13 +377,18 @@ def _check_data(d: DataSpec) -> None:
         raise ValueError("config: data.recipe (or data.path) is missing; e.g. data.recipe=arithmetic")
     if d.path and not Path(d.path).expanduser().exists():
         raise FileNotFoundError(f"config: data.path={d.path!r} does not exist")
-    if not (d.path and (Path(d.path).expanduser() / "manifest.json").exists()):   # not a generated dir
-        from llmkd.data.recipes import load_recipe
+    if d.path:
+        from llmkd.generation.writer import is_generation_dir, read_manifest
 
-        try:
-            load_recipe(d.recipe or "arithmetic", path=d.path)
-        except ValueError as err:   # unknown recipe name, or a recipe YAML with a bad key
-            raise ValueError(f"config: data.recipe={d.recipe!r}: {err}") from None
+        if is_generation_dir(Path(d.path).expanduser()):
+            read_manifest(Path(d.path).expanduser())   # shards without their manifest: say so now
+            return
+    from llmkd.data.recipes import load_recipe
+
+    try:
+        load_recipe(d.recipe or "arithmetic", path=d.path)
+    except ValueError as err:   # unknown recipe name, or a recipe YAML with a bad key
+        raise ValueError(f"config: data.recipe={d.recipe!r}: {err}") from None
 
 
 def _check_output(top: dict[str, Any], resume: Any) -> None:

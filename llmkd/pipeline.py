@@ -24,7 +24,9 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def is_generated_dir(path: str | Path) -> bool:
-    return (Path(path) / "manifest.json").exists()
+    from llmkd.generation.writer import is_generation_dir
+
+    return is_generation_dir(path)
 
 
 def build_datasets(cfg: DistillationConfig, method: Method) -> tuple[Dataset, Dataset]:

@@ -83,8 +83,8 @@ def broken_student(change: Callable[[Path], None]) -> Callable[[Path, dict], Non
     return apply
 
 
-def truncate(d: Path) -> None:
-    f = d / "model.safetensors"
+def truncate(d: Path, name: str = "model.safetensors") -> None:
+    f = d / name
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
 
@@ -184,6 +184,40 @@ def eval_model(change: Callable[[Path], None]) -> Callable[[Path], str]:
         change(d)
         return str(d)
     return make
+
+
+def generated(change: Callable[[Path], None]) -> Callable[[Path, dict], None]:
+    """An offline run on a generation dir (top-k 20 log-probs, as `llmkd generate` writes them)
+    damaged by `change`."""
+    def apply(tmp: Path, cfg: dict) -> None:
+        import random
+
+        import pyarrow as pa
+
+        from llmkd.generation.writer import ShardWriter
+
+        rng = random.Random(0)
+        schema = pa.schema([("id", pa.string()), ("sample", pa.int32()),
+                            ("teacher_topk_ids", pa.list_(pa.list_(pa.int32()))),
+                            ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32())))])
+        for k, name in ((20, "gen"), (5, "other")):
+            w = ShardWriter(tmp / name, {"topk": k}, schema, shard_size=64)
+            w.add([{"id": f"arithmetic-{i}-x", "sample": 0,
+                    "teacher_topk_ids": [[rng.randrange(500) for _ in range(k)] for _ in range(40)],
+                    "teacher_topk_logprobs": [[-10 * rng.random() for _ in range(k)] for _ in range(40)]}
+                   for i in range(64)])
+            w.close()
+        change(tmp)
+        cfg["model"]["teacher_mode"] = "offline"
+        cfg["data"] = {"path": str(tmp / "gen"), "num_train": 8, "num_eval": 4}
+    return apply
+
+
+def zero_bytes(tmp: Path) -> None:
+    shard = tmp / "gen" / "shard-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    shard.write_bytes(data)
 
 
 STUDENT: list[str] = []   # the tiny student dir, for argv builders (set by the fixture)
@@ -310,6 +344,15 @@ CASES = {
     # found while loading data and tokenizers: still before any weights
     "num-train-exceeds-data": Case(("has 10 rows but data.num_train=16", "data.allow_fewer=true"),
                                    edit(**{"data.path": local_rows(10), "data.num_train": 16}), light=False),
+    "shard-damaged": Case(("shard-00000.parquet' is damaged", "CRC", "rerun `llmkd generate`"),
+                          generated(zero_bytes), light=False),
+    "shard-truncated": Case(("shard-00000.parquet' is damaged", "magic bytes"), light=False,
+                            setup=generated(lambda tmp: truncate(tmp / "gen", "shard-00000.parquet"))),
+    "shards-of-different-k": Case(("different top-k", "k=20 in shard-00000.parquet; k=5 in shard-00001.parquet"),
+                                  generated(lambda tmp: (tmp / "other" / "shard-00000.parquet").rename(
+                                      tmp / "gen" / "shard-00001.parquet")), light=False),
+    "manifest-deleted": Case(("manifest.json' not found", "holds generated shards", "rerun `llmkd generate`"),
+                             generated(lambda tmp: (tmp / "gen" / "manifest.json").unlink())),
     "data-without-column": Case(("lack ['answer']",),
                                 edit(**{"data.path": local_rows(20, ("question", "solution"))}), light=False),
     "different-tokenizers": Case(("tokenizer", "cross_tokenizer"), other_tokenizer_student, light=False),

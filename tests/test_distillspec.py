@@ -55,6 +55,33 @@ def test_distillspec_fraction_and_divergence_configurable(tiny_pair, tmp_path):
         make_cfg(tiny_pair, tmp_path / "bad", {"name": "distillspec", "lmbda": 1.5})
 
 
+def test_acceptance_is_exact_or_named_an_upper_bound():
+    """Live teacher: α = mean Σ min(p, q) exactly. Top-k teacher (offline, served): 1 - TVD on
+    k + 1 bins only bounds α from above, and is logged under that name. No response token: no α."""
+    from llmkd.methods.base import HeadOutput, TeacherTargets
+    from llmkd.methods.distillspec import DistillSpec, DistillSpecParams
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 9, 64, generator=gen), 3 * torch.randn(2, 9, 64, generator=gen)
+    labels = torch.randint(0, 64, (2, 9), generator=gen)
+    labels[:, :3] = -100
+    mask = labels[:, 1:] != -100
+    p, q = (x[:, :-1].double().softmax(-1) for x in (teacher, student))
+    alpha = float(torch.minimum(p, q).sum(-1)[mask].mean())
+    method = DistillSpec(DistillSpecParams())
+    _, live = method.loss(HeadOutput(logits=student), TeacherTargets(output=HeadOutput(logits=teacher)),
+                          {"labels": labels}, None)
+    assert live["acceptance"] == pytest.approx(alpha, abs=1e-6) and "acceptance_upper_bound" not in live
+    top = teacher.log_softmax(-1).topk(8, dim=-1)
+    _, sparse = method.loss(HeadOutput(logits=student), TeacherTargets(topk_ids=top.indices, topk_logprobs=top.values),
+                            {"labels": labels}, None)
+    assert "acceptance" not in sparse
+    assert sparse["acceptance_upper_bound"] > alpha + 0.02       # the tail bucket hides differences
+    _, empty = method.loss(HeadOutput(logits=student), TeacherTargets(output=HeadOutput(logits=teacher)),
+                           {"labels": torch.full_like(labels, -100)}, None)
+    assert not {"acceptance", "acceptance_upper_bound"} & set(empty)
+
+
 # -- TAID ---------------------------------------------------------------------------------------
 TAID = {"name": "taid", "alpha": 0.05, "beta": 0.9}     # a fast t: visible in a few steps
 

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -387,3 +388,76 @@ def test_sigkill_then_resume_gives_each_row_exactly_once(tmp_path, teacher):
     assert len({i for i, _ in counts}) == 120
     meta = read_manifest(out)["metadata"]
     assert meta["prompts"]["generated_this_run"] < 120 and meta["totals"]["rows"] == 240
+
+
+# -- damaged, mixed and orphaned shards (issue 16) -------------------------------------------
+TOPK_SCHEMA = pa.schema([("id", pa.string()), ("sample", pa.int32()),
+                         ("teacher_topk_ids", pa.list_(pa.list_(pa.int32()))),
+                         ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32())))])
+
+
+def _topk_dir(path: Path, k: int, ids: list[str], seed: int = 0) -> Path:
+    """A generation dir whose log-probs are incompressible (zstd stores them raw, as in real
+    shards): zeroed bytes there decode silently unless page checksums are checked."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [{"id": i, "sample": 0, "teacher_topk_ids": torch.randint(0, 500, (40, k), generator=gen).tolist(),
+             "teacher_topk_logprobs": (-10 * torch.rand(40, k, generator=gen)).tolist()} for i in ids]
+    w = ShardWriter(path, {"topk": k}, TOPK_SCHEMA, shard_size=len(ids))
+    w.add(rows)
+    w.close()
+    return path
+
+
+def _zero_middle(path: Path, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(n)
+    path.write_bytes(data)
+
+
+def test_damaged_or_truncated_shard_is_one_error_naming_it(tmp_path):
+    out = _topk_dir(tmp_path / "gen", 20, [f"p{i}" for i in range(64)])
+    shard = out / "shard-00000.parquet"
+    good = pq.read_table(shard)
+    _zero_middle(shard)
+    assert not pq.read_table(shard).equals(good)    # without checksums this reads, wrongly
+    with pytest.raises(ValueError, match=r"shard .*shard-00000.parquet' is damaged \(.*CRC.*rerun `llmkd generate`"):
+        load_generated(out)
+    shard.write_bytes(shard.read_bytes()[:1000])      # a truncated copy
+    with pytest.raises(ValueError, match=r"shard-00000.parquet' is damaged \(.*magic bytes"):
+        load_generated(out)
+    with pytest.raises(ValueError, match="shard-00000.parquet' is damaged"):   # resuming generate, too
+        ShardWriter(out, {"topk": 20}, TOPK_SCHEMA)
+
+
+def test_shards_without_checksums_still_load(tmp_path):
+    out = _topk_dir(tmp_path / "gen", 5, ["a", "b"])
+    shard = out / "shard-00000.parquet"
+    table = pq.read_table(shard)          # rewrite it as an older llmkd did: no page checksums
+    pq.write_table(table, shard, compression="zstd", write_page_checksum=False)
+    assert sorted(load_generated(out)["id"]) == ["a", "b"]
+
+
+def test_mixed_top_k_or_configs_are_refused_at_load(tmp_path):
+    out = _topk_dir(tmp_path / "gen", 20, ["a", "b"])
+    other = _topk_dir(tmp_path / "k5", 5, ["c"])
+    (other / "shard-00000.parquet").rename(out / "shard-00001.parquet")    # copied in by hand
+    with pytest.raises(ValueError, match=r"different top-k .*k=20 in shard-00000.parquet; "
+                                         r"k=5 in shard-00001.parquet\)"):
+        load_generated(out)
+    (out / "shard-00001.parquet").unlink()
+    w = ShardWriter(tmp_path / "t", {"topk": 20, "temperature": 0.7}, TOPK_SCHEMA)
+    w.add([{"id": "c", "sample": 0, "teacher_topk_ids": [list(range(20))], "teacher_topk_logprobs": [[-1.0] * 20]}])
+    w.close()
+    (tmp_path / "t" / "shard-00000.parquet").rename(out / "shard-00001.parquet")
+    with pytest.raises(ValueError, match=r"different configs .*shard-00000.parquet vs shard-00001.parquet: "
+                                         r"temperature: '<unset>' there, 0.7 here"):
+        load_generated(out)
+
+
+def test_lost_manifest_says_so(tmp_path):
+    out = _topk_dir(tmp_path / "gen", 5, ["a"])
+    (out / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="manifest.json' not found, but .* holds generated shards: "
+                                                "rerun `llmkd generate`"):
+        load_generated(out)

@@ -17,6 +17,9 @@ an empty shard. Every shard carries the config (and its fingerprint) in its parq
 directory never holds two configs, and the error names the fields that differ.
 Top-k ids are stored as int32 and log-probs as float32 (float16 would round log-probs near -10 by
 ~0.01, which is the same order as the tail mass that sparse KD relies on).
+Every page carries a CRC checksum, verified when the rows are loaded for training: a damaged shard
+(flipped or zeroed bytes, a truncated copy) is one error naming the file, never silently wrong
+log-probs. Shards written before checksums still load (unverified).
 """
 from __future__ import annotations
 
@@ -135,10 +138,11 @@ class ShardWriter:
         for shard in shards:
             if shard.name in self._known:
                 continue
-            meta = pq.read_schema(shard).metadata or {}
+            f = open_shard(shard)
+            meta = f.schema_arrow.metadata or {}
             config = json.loads(meta[CONFIG_KEY]) if CONFIG_KEY in meta else None
             self._check_fingerprint(meta.get(FINGERPRINT_KEY, b"?").decode(), config, shard)
-            self._known[shard.name] = (pq.read_metadata(shard).num_rows,
+            self._known[shard.name] = (f.metadata.num_rows,
                                        len(json.loads(meta.get(DROPPED_KEY, b"[]"))))
 
     def _check_fingerprint(self, found: str | None, config: dict | None, where: Path) -> None:
@@ -208,7 +212,7 @@ class ShardWriter:
         floats, others = _leaf_paths(schema)
         # byte-stream-split float columns (top-k log-probs, tail mass): lossless, a third smaller
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd",
-                       use_byte_stream_split=floats, use_dictionary=others)
+                       use_byte_stream_split=floats, use_dictionary=others, write_page_checksum=True)
         with self._locked():
             try:   # another process may have started writing a different config meanwhile
                 self._check_shards(_shards(self.out_dir))
@@ -273,22 +277,83 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     path = Path(out_dir) / MANIFEST
     if not path.exists():
+        if _shards(Path(out_dir)):
+            raise FileNotFoundError(
+                f"{str(path)!r} not found, but {str(out_dir)!r} holds generated shards: rerun `llmkd "
+                "generate` with the config that wrote them to rebuild it (finished rows are kept)")
         raise FileNotFoundError(f"{str(path)!r} not found; is {str(out_dir)!r} an `llmkd generate` "
                                 "output_dir?")
     return json.loads(path.read_text())
 
 
+def is_generation_dir(path: str | Path) -> bool:
+    """A dir `llmkd generate` wrote: a manifest, or shards whose manifest was lost."""
+    p = Path(path)
+    return p.is_dir() and ((p / MANIFEST).exists() or bool(_shards(p)))
+
+
 def load_generated(out_dir: str | Path) -> Dataset:
-    """All rows of a generation dir as one `datasets.Dataset` (shard order = name order)."""
+    """All rows of a generation dir as one `datasets.Dataset` (shard order = name order), once
+    every shard's checksums and config (one top-k size) are checked."""
     from datasets import load_dataset
 
     read_manifest(out_dir)
+    shards = _shards(Path(out_dir))
+    check_one_config(shards)
     # a shard can be empty (every row of a batch filtered out; it still records the skipped
     # keys for resume); the parquet loader rejects empty files, so leave those out
-    files = [str(p) for p in _shards(Path(out_dir)) if pq.ParquetFile(p).metadata.num_rows > 0]
+    files = [str(p) for p in shards if verify_shard(p) > 0]
     if not files:
         raise ValueError(f"generation dir {str(out_dir)!r} has no shards yet; run `llmkd generate`")
     return load_dataset("parquet", data_files=files, split="train")
+
+
+def open_shard(path: Path, *, verify: bool = False) -> pq.ParquetFile:
+    """The shard's parquet file; a truncated or unreadable one is a ValueError naming it."""
+    try:
+        return pq.ParquetFile(path, page_checksum_verification=verify)
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(_damaged(path, err)) from err
+
+
+def verify_shard(path: Path) -> int:
+    """Read every page of the shard, checking its CRC (a page written without one is read, not
+    checked), and return its row count. A damaged shard is a ValueError naming the file."""
+    f = open_shard(path, verify=True)
+    try:
+        for group in range(f.num_row_groups):
+            f.read_row_group(group)
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(_damaged(path, err)) from err
+    return f.metadata.num_rows
+
+
+def _damaged(path: Path, err: Exception) -> str:
+    return (f"generated shard {str(path)!r} is damaged ({str(err).splitlines()[0]}); delete it and rerun "
+            "`llmkd generate` with the same config to write its rows again")
+
+
+def check_one_config(shards: list[Path]) -> None:
+    """One config per dataset, as the writer guarantees; shards copied in from another run are
+    refused at load, mixed top-k sizes by name (the collator would pad to the first row's k,
+    or crash)."""
+    groups: dict[bytes, tuple[dict, list[str]]] = {}
+    for shard in shards:
+        meta = open_shard(shard).schema_arrow.metadata or {}
+        if FINGERPRINT_KEY in meta:
+            config = json.loads(meta.get(CONFIG_KEY, b"{}"))
+            groups.setdefault(meta[FINGERPRINT_KEY], (config, []))[1].append(shard.name)
+    if len(groups) < 2:
+        return
+    where = str(shards[0].parent)
+    named = [(c, ", ".join(f[:3]) + (f" and {len(f) - 3} more" if len(f) > 3 else "")) for c, f in groups.values()]
+    if len({json.dumps(c.get("topk")) for c, _ in named}) > 1:
+        found = "; ".join(f"k={c.get('topk', '?')} in {files}" for c, files in named)
+        raise ValueError(f"generated shards of different top-k in {where!r} ({found}); one dataset "
+                         "holds one k: keep each generation in its own output_dir")
+    (a, a_files), (b, b_files) = named[:2]
+    raise ValueError(f"generated shards of different configs in {where!r} ({a_files} vs {b_files}: "
+                     f"{config_diff(a, b)}); keep each generation in its own output_dir")
 
 
 def _leaf_paths(schema: pa.Schema) -> tuple[list[str], list[str]]:
