@@ -202,3 +202,18 @@ def test_best_checkpoint_is_chosen_by_the_golden_metric_on_resume_too(tiny_pair,
     saved = load_file(str(Path(resumed.state.best_model_checkpoint) / "model.safetensors"))
     for name, value in saved.items():      # load_best_model_at_end loaded that checkpoint
         torch.testing.assert_close(resumed.model.state_dict()[name], value)
+
+
+def test_report_plots_proxy_vs_golden_and_names_the_step_where_hacking_began(tmp_path) -> None:
+    from llmkd.eval.report import write_report
+
+    run = tmp_path / "offline"
+    run.mkdir()
+    history = [{"step": e.step, "eval_proxy_kl": e.proxy, "eval_golden_oracle_kl": e.golden,
+                "eval_golden_oracle_kl_se": e.se} for e in _series(trend=NOISE, noise=0.0, seed=0)]
+    (run / "log_history.json").write_text(json.dumps(history))
+    summary = write_report([run], tmp_path / "report")
+    hacking = summary["training"][0]["monitor"]["hacking"]
+    assert hacking["began_step"] == 120 and summary["training"][0]["monitor"]["best_step"] == 110
+    assert "proxy_vs_golden.png" in summary["plots"] and (tmp_path / "report" / "proxy_vs_golden.png").exists()
+    assert "| offline | eval_golden_oracle_kl | eval_proxy_kl | 110 | 120 |" in (tmp_path / "report" / "report.md").read_text()

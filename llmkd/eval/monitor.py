@@ -25,6 +25,7 @@ ON_HACKING = ("warn", "stop")
 GOLDEN_KEYS = {"gold_nll": "eval_golden_nll", "accuracy": "eval_golden_accuracy",
                "oracle_kl": "eval_golden_oracle_kl"}
 HIGHER_IS_BETTER = {"eval_golden_accuracy"}
+PATIENCE = 3                        # monitor.patience's default (also what the report uses)
 SE_SUFFIX = "_se"                   # eval_golden_nll_se: the metric's standard error at that eval
 PROXY_KEY = "eval_proxy_kl"         # KL(teacher || student) on the held-out set (live teacher)
 FALLBACK_PROXY = "eval_loss"        # the method's own held-out divergence (offline / served teacher)
