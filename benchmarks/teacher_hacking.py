@@ -2,7 +2,7 @@
 Distillation"): does a fixed offline dataset over many epochs make the proxy improve while the
 golden metric gets worse, and does online data prevent it?
 
-    OMP_NUM_THREADS=2 python benchmarks/teacher_hacking.py [--steps 60] [--rows offline,online_teacher,on_policy]
+    OMP_NUM_THREADS=1 python benchmarks/teacher_hacking.py [--steps 40] [--rows offline,online_teacher,on_policy]
         [--work DIR] [--tiny]
 
 1. Oracle = the embedded SmolLM2-135M-Instruct (`llmkd.models.embedded`).
@@ -118,17 +118,17 @@ def build_teacher(oracle: str, args: argparse.Namespace) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--eval-steps", type=int, default=5)
     ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--train-prompts", type=int, default=16)
-    ap.add_argument("--eval-prompts", type=int, default=16)
+    ap.add_argument("--train-prompts", type=int, default=8)
+    ap.add_argument("--eval-prompts", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--teacher-layers", type=int, default=8)
-    ap.add_argument("--teacher-steps", type=int, default=20)
-    ap.add_argument("--teacher-prompts", type=int, default=64)
+    ap.add_argument("--teacher-steps", type=int, default=10)
+    ap.add_argument("--teacher-prompts", type=int, default=32)
     ap.add_argument("--student-layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/llmkd-teacher-hacking")
