@@ -73,10 +73,22 @@ class MethodSpec:
     params: dict = field(default_factory=dict)
 
 
-SECTIONS = {"model": ModelSpec, "data": DataSpec}
+@dataclass
+class MonitorSpec:
+    """A golden metric beside the proxy, and teacher-hacking detection (`llmkd.eval.monitor`)."""
+
+    golden: str | None = None          # gold_nll | accuracy | oracle_kl; None: no monitor
+    oracle: str | None = None          # oracle_kl: model dir (or "embedded") with the student's tokenizer
+    num_prompts: int = 64              # accuracy: held-out prompts answered at each evaluation
+    patience: int = 3                  # evaluations of proxy-better / golden-worse before flagging
+    on_hacking: str = "warn"           # warn | stop (end training; the best checkpoint stays)
+    max_new_tokens: int = 128          # accuracy: greedy answer length
+
+
+SECTIONS = {"model": ModelSpec, "data": DataSpec, "monitor": MonitorSpec}
 # top-level keys DistillationConfig adds to TrainingArguments
-EXTRA_KEYS: dict[str, Any] = {"model": dict, "data": dict, "method": dict, "overwrite_output_dir": bool,
-                              "allow_config_change": bool}
+EXTRA_KEYS: dict[str, Any] = {"model": dict, "data": dict, "method": dict, "monitor": dict,
+                              "overwrite_output_dir": bool, "allow_config_change": bool}
 
 
 def __getattr__(name: str) -> Any:
@@ -97,12 +109,13 @@ def _distillation_config() -> type:
         model: ModelSpec = field(default_factory=ModelSpec)
         data: DataSpec = field(default_factory=DataSpec)
         method: MethodSpec = field(default_factory=MethodSpec)
+        monitor: MonitorSpec = field(default_factory=MonitorSpec)
         overwrite_output_dir: bool = False   # start over in a non-empty output_dir (old checkpoints go)
         allow_config_change: bool = False    # resume although the training config differs from the checkpoint's
 
         def to_dict(self) -> dict[str, Any]:
             d = super().to_dict()
-            for name in ("model", "data", "method"):
+            for name in ("model", "data", "method", "monitor"):
                 d[name] = dataclasses.asdict(getattr(self, name))
             return d
 
@@ -474,6 +487,9 @@ def check_config(raw: dict) -> dict[str, Any]:
                          "`llmkd generate` output directory (it holds the teacher top-k columns)")
     _check_data(kwargs["data"])
     check_not_an_input(top["output_dir"], input_paths(kwargs["model"], kwargs["data"]))
+    from llmkd.eval.monitor import check_monitor
+
+    check_monitor(kwargs["monitor"], top, kwargs["model"], kwargs["data"])
     _check_output(top, resume)
     if resume not in (None, False):
         top["resume_from_checkpoint"] = resume if resume is True else str(resume)

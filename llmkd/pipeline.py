@@ -145,10 +145,53 @@ def build_trainer(cfg: DistillationConfig):
     train, evals = build_datasets(cfg, method)
     if m.lora:
         check_lora_targets_early(cfg)
+    monitor = build_monitor(cfg, student_tok)
     teacher, student = build_models(cfg)
     return DistillationTrainer(model=student, args=cfg, teacher=teacher, method=method,
                                processing_class=student_tok, teacher_processing_class=teacher_tok,
-                               train_dataset=train, eval_dataset=evals)
+                               train_dataset=train, eval_dataset=evals, monitor=monitor)
+
+
+def build_monitor(cfg: DistillationConfig, student_tok: PreTrainedTokenizerBase):
+    """The `monitor:` section's GoldenMonitor (None when unset), on the same held-out split as
+    the eval set; gold answers come from the recipe (or a generated dir's `gold` column)."""
+    from llmkd.eval.golden import GoldenMonitor
+
+    spec, d = cfg.monitor, cfg.data
+    if spec.golden is None:
+        return None
+    if spec.golden == "oracle_kl":
+        from llmkd.data.collate import tokenizer_fingerprint
+        from llmkd.models.student import load_causal_lm
+
+        oracle = resolve_model_name(spec.oracle)
+        if tokenizer_fingerprint(load_tokenizer(oracle)) != tokenizer_fingerprint(student_tok):
+            raise ValueError(f"config: monitor.oracle={spec.oracle!r} has a different tokenizer from the "
+                             "student's: oracle_kl compares next-token distributions id by id; use an "
+                             "oracle with the student's tokenizer")
+        return GoldenMonitor(spec, oracle=load_causal_lm(oracle, dtype=cfg.model.student_dtype))
+    if d.path and is_generated_dir(d.path):
+        from llmkd.generation.writer import load_generated, read_manifest
+
+        _, held = split_by_prompt(load_generated(d.path), d.num_train, d.num_eval, allow_fewer=d.allow_fewer)
+        first: dict[str, str] = {}
+        for prompt, gold in zip(held["prompt"], held["gold"]):
+            first.setdefault(prompt, gold)             # one row per prompt
+        held = Dataset.from_dict({"prompt": list(first), "answer": list(first.values())})
+        recipe = load_recipe(read_manifest(d.path).get("metadata", {}).get("recipe", {}).get("name", "arithmetic"))
+        asked = held.select(range(min(spec.num_prompts, len(held))))
+    else:
+        recipe = load_recipe(d.recipe or "arithmetic", path=d.path)
+        train, held = recipe.load_split(d.num_train, d.num_eval, seed=d.seed, allow_fewer=d.allow_fewer)
+        held = held.select_columns(["prompt", "answer"])
+        asked = recipe.load(spec.num_prompts, seed=d.seed, offset=len(train)) if spec.golden == "accuracy" else None
+    if spec.golden == "accuracy":
+        return GoldenMonitor(spec, prompts=list(asked["prompt"]), answers=list(asked["answer"]),
+                             answer_kind=recipe.answer_kind)
+    from llmkd.data.collate import tokenize_rows
+
+    gold = held.map(lambda r: {"response": recipe.gold_response(r["answer"])})
+    return GoldenMonitor(spec, gold=tokenize_rows(gold, student_tok, response="response", max_length=d.max_length))
 
 
 def check_generated_tokenizer(path: str | Path, student_tok: PreTrainedTokenizerBase) -> None:

@@ -2,7 +2,8 @@
 
 It overrides as little as it can: `compute_loss` (teacher targets -> method loss, normalised over
 the tokens of the whole accumulated batch), `_prepare_inputs` (on-policy / sequence-level
-sampling), `prediction_step` (eval loss = the KD divergence), and checkpointing of method state.
+sampling), `prediction_step` (eval loss = the KD divergence), `log` (eval logs gain the monitor's golden
+metric), and checkpointing of method state.
 Every TrainingArguments feature (grad accumulation, bf16, gradient checkpointing, report_to,
 checkpoint resume, DeepSpeed, PEFT) stays the Trainer's own.
 """
@@ -38,7 +39,8 @@ class DistillationTrainer(Trainer):
     def __init__(self, model: PreTrainedModel, args: DistillationConfig,
                  teacher: PreTrainedModel | None = None, method: Method | None = None,
                  processing_class: PreTrainedTokenizerBase | None = None,
-                 teacher_processing_class: PreTrainedTokenizerBase | None = None, **kwargs: Any) -> None:
+                 teacher_processing_class: PreTrainedTokenizerBase | None = None,
+                 monitor: TrainerCallback | None = None, **kwargs: Any) -> None:
         if method is None:
             method = build_method(args.method.name, args.method.params, processing_class,
                                   teacher_processing_class)
@@ -56,6 +58,10 @@ class DistillationTrainer(Trainer):
             self._place_teacher()
         self.method.attach(self.teacher, model, chunked_head_ok=self._chunked_head_ok(model))
         self.add_callback(_MethodStepCallback(self))
+        # golden metric + teacher-hacking detection (`llmkd.eval.golden.GoldenMonitor`)
+        self.monitor = monitor
+        if monitor is not None:
+            self.add_callback(monitor)
 
     # -- models -------------------------------------------------------------------------------
     def _place_teacher(self) -> None:
@@ -191,6 +197,9 @@ class DistillationTrainer(Trainer):
     # -- logging and method state ---------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         eval_log = any(k.startswith("eval_") for k in logs)
+        if eval_log and self.monitor is not None:
+            # `logs` is the dict evaluate() returns: metric_for_best_model can name these keys
+            logs.update(self.monitor.measure(self))
         for key in [k for k in self._metrics if k.startswith("eval_") == eval_log]:
             values = self._metrics.pop(key)
             logs[key] = sum(values) / max(len(values), 1)

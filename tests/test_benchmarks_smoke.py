@@ -112,3 +112,21 @@ def test_methods_benchmark_continues_rows_and_merges(tmp_path: Path) -> None:
     assert warm["from"] == "fkl" and warm["method"]["name"] == "distillspec"
     assert result["timings_s"]["earlier_runs_s"] > 0
     assert all(r["identical_outputs"] == r["prompts"] for r in result["rows"])
+
+
+def test_teacher_hacking_tiny_writes_proxy_and_golden_curves(tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    import teacher_hacking
+
+    args = argparse.Namespace(tiny=True, steps=4, eval_steps=2, rows="offline,online_teacher", train_prompts=8,
+                              eval_prompts=4, batch=4, lr=3e-3, max_new_tokens=8, teacher_layers=2,
+                              teacher_steps=2, teacher_prompts=8, student_layers=1, seed=0, work=str(tmp_path))
+    teacher_hacking.run(args)
+    results = json.loads((tmp_path / "teacher_hacking.json").read_text())
+    assert set(results["rows"]) == {"offline", "online_teacher"}
+    for row in results["rows"].values():
+        assert [p["step"] for p in row["curve"]] == [2, 4]
+        assert all(p["proxy_kl"] > 0 and p["golden_oracle_kl"] > 0 for p in row["curve"])  # three distinct models
+    assert (tmp_path / "teacher_hacking.png").stat().st_size > 0

@@ -11,16 +11,23 @@ earlier report):
 - ``trainer_state.json`` (from `transformers.Trainer`, e.g. ``train/trainer_state.json``) or
   ``log_history.json`` (a list of Trainer log dicts, or ``{"log_history": [...]}``): every
   numeric key (``loss``, ``kl``, ``taid_t``, ``eval_kl``, ...) is plotted against ``step``.
+  When it holds a golden metric (``eval_golden_*``, from the ``monitor:`` section) the proxy
+  (``eval_proxy_kl``, else ``eval_loss``) and the golden curve are drawn together and the
+  teacher-hacking detector (`llmkd.eval.monitor`) gives the step where hacking began.
 
 Outputs in the report dir: ``report.md``, ``report.json``, ``accuracy.png`` (bars with CI error
-bars, grouped by recipe) and ``training_curves.png`` (one panel per logged key, one line per run).
+bars, grouped by recipe), ``training_curves.png`` (one panel per logged key, one line per run) and
+``proxy_vs_golden.png`` (one panel per monitored run, the hacking onset marked).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Any
+
+from llmkd.eval.monitor import PATIENCE, detect_hacking, evaluations
 
 EXTRA_COLUMNS = {"kl_to_teacher": "KL to teacher", "acceptance_rate": "α (acceptance)",
                  "block_efficiency": "τ (block eff.)", "tokens_per_target_call": "tokens / target call",
@@ -63,12 +70,18 @@ def _train_logs(root: Path, prefix: str) -> list[dict[str, Any]]:
                 if (key not in NOT_CURVES and isinstance(value, (int, float))
                         and not isinstance(value, bool) and math.isfinite(value)):
                     curves.setdefault(key, []).append((step, float(value)))
+        golden, proxy, evals = evaluations(history)
+        hacking = detect_hacking(evals, PATIENCE) if evals else None
         rel = path.parent.relative_to(root)
         base = root.resolve().name
         label = base if str(rel) in (".", "train") else f"{prefix}{rel}"
         logs.append({"label": label, "path": str(path), "curves": curves,
                      "steps": max((s for c in curves.values() for s, _ in c), default=0),
-                     "last": {k: c[-1][1] for k, c in curves.items()}})
+                     "last": {k: c[-1][1] for k, c in curves.items()},
+                     "monitor": None if golden is None else {
+                         "golden": golden, "proxy": proxy,
+                         "best_step": min(evals, key=lambda e: e.golden).step if evals else None,
+                         "hacking": None if hacking is None else dataclasses.asdict(hacking)}})
     return logs
 
 
@@ -106,6 +119,15 @@ def _markdown(evals: list[dict], logs: list[dict], plots: list[str]) -> str:
         for log in logs:
             cells = [log["label"], _fmt(log["steps"]), *(_fmt(log["last"].get(k)) for k in keys)]
             lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    monitored = [log for log in logs if log.get("monitor")]
+    if monitored:
+        lines += ["## Teacher hacking (proxy vs golden)", "",
+                  "| Run | Golden | Proxy | Best golden at step | Hacking began at step |", "|---|---|---|---|---|"]
+        for log in monitored:
+            m = log["monitor"]
+            began = m["hacking"]["began_step"] if m["hacking"] else f"not detected (patience {PATIENCE})"
+            lines.append(f"| {log['label']} | {m['golden']} | {m['proxy']} | {_fmt(m['best_step'])} | {began} |")
         lines.append("")
     lines += [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -165,6 +187,30 @@ def plot_training(logs: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
 
 
+def plot_proxy_vs_golden(logs: list[dict[str, Any]], path: Path) -> None:
+    """One panel per monitored run: proxy (left axis) and golden (right axis) against step, a
+    dashed line where the detector says hacking began."""
+    from matplotlib.figure import Figure
+
+    runs = [log for log in logs if log.get("monitor")]
+    fig = Figure(figsize=(5.0 * min(3, len(runs)), 3.4 * math.ceil(len(runs) / 3)), dpi=110)
+    for i, log in enumerate(runs):
+        m = log["monitor"]
+        ax = fig.add_subplot(math.ceil(len(runs) / 3), min(3, len(runs)), i + 1)
+        for axis, key, colour in ((ax, m["proxy"], "tab:blue"), (ax.twinx(), m["golden"], "tab:red")):
+            steps, values = zip(*log["curves"][key])
+            axis.plot(steps, values, marker=".", color=colour)
+            axis.set_ylabel(key, color=colour)
+        if m["hacking"]:
+            ax.axvline(m["hacking"]["began_step"], color="k", linestyle="--", alpha=0.6)
+        ax.set_title(f"{log['label']}: hacking " + (f"from step {m['hacking']['began_step']}"
+                                                     if m["hacking"] else "not detected"), fontsize="small")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
     """Collect evals and training logs from `run_dirs`, write report.md/.json and PNGs to `out_dir`.
 
@@ -195,6 +241,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, A
     if any(log["curves"] for log in logs):
         plot_training(logs, out / "training_curves.png")
         plots.append("training_curves.png")
+    if any(log.get("monitor") for log in logs):
+        plot_proxy_vs_golden(logs, out / "proxy_vs_golden.png")
+        plots.append("proxy_vs_golden.png")
     summary = {"run_dirs": [str(r) for r in roots], "evals": evals,
                "training": [{k: v for k, v in log.items() if k != "curves"} for log in logs],
                "plots": plots}
