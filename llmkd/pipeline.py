@@ -10,7 +10,7 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from llmkd.config import DistillationConfig, teacher_mode
+from llmkd.config import DataSpec, DistillationConfig, teacher_mode
 from llmkd.data.recipes import load_recipe
 from llmkd.methods.base import Method
 from llmkd.models.embedded import resolve_model_name
@@ -27,9 +27,10 @@ def is_generated_dir(path: str | Path) -> bool:
     return (Path(path) / "manifest.json").exists()
 
 
-def build_datasets(cfg: DistillationConfig, method: Method) -> tuple[Dataset, Dataset]:
-    """Train/eval splits as the method's features. Generated dirs are split by prompt."""
-    d = cfg.data
+def build_datasets(cfg: DistillationConfig, method: Method, data: DataSpec | None = None) -> tuple[Dataset, Dataset]:
+    """Train/eval splits as the method's features (of `data`, one source of a mixture; default
+    cfg.data). Generated dirs are split by prompt."""
+    d = data or cfg.data
     if d.path and is_generated_dir(d.path):
         from llmkd.generation.writer import load_generated
 
@@ -126,22 +127,22 @@ def build_trainer(cfg: DistillationConfig):
     from llmkd.trainer import DistillationTrainer, build_method
 
     m = cfg.model
+    if m.teachers:                   # several teachers (model.teachers): one method instance each
+        return build_teacher_set_trainer(cfg)
     student_tok = load_tokenizer(resolve_model_name(m.student if m.student is not None else m.teacher))
     teacher_tok = None
     if m.teacher is not None and teacher_mode(m) == "live":
         teacher_tok = load_tokenizer(resolve_model_name(m.teacher))
     method = build_method(cfg.method.name, cfg.method.params, student_tok, teacher_tok)
-    if m.teacher_server:
-        if not hasattr(method, "teacher_server"):
-            raise ValueError(f"config: model.teacher_server is set but method.name={cfg.method.name!r} "
-                             "needs the teacher's full logits; use token_kd / distillspec, or a live teacher")
-        from llmkd.teacher_server import ServedTeacher
-
-        method.teacher_server = ServedTeacher(m.teacher_server, m.teacher_topk)
     if cfg.data.path and is_generated_dir(cfg.data.path) and method.uses_generated_token_ids:
         check_generated_tokenizer(cfg.data.path, student_tok)
     train, evals = build_datasets(cfg, method)
     teacher, student = build_models(cfg)
+    if m.teacher_server:        # no model: the targets come from the server
+        from llmkd.teacher_server import ServedTeacher
+        from llmkd.teachers.served import Served
+
+        teacher = Served(ServedTeacher(m.teacher_server, m.teacher_topk))
     return DistillationTrainer(model=student, args=cfg, teacher=teacher, method=method,
                                processing_class=student_tok, teacher_processing_class=teacher_tok,
                                train_dataset=train, eval_dataset=evals)
@@ -163,3 +164,61 @@ def check_generated_tokenizer(path: str | Path, student_tok: PreTrainedTokenizer
             f"(sha {recorded['sha'][:12]}) but the student's has {ours['size']} (sha "
             f"{ours['sha'][:12]}): the stored token ids would not mean the same tokens. Use a student "
             "with the teacher's tokenizer, or regenerate the data with a matching teacher")
+
+
+# --- several teachers (model.teachers, data.mixture, method.teacher_mix) ---------------------------
+def build_teacher_set_trainer(cfg: DistillationConfig):
+    """`build_trainer` for `model.teachers`: tokenizers, one method instance per teacher, the
+    mixture's rows tagged by teacher, then the weights (live teachers; the student last)."""
+    import torch
+
+    from llmkd.data.mixture import concat, sources, tag
+    from llmkd.methods.mix import TeacherMix
+    from llmkd.models.student import derive_student, load_causal_lm, wrap_peft
+    from llmkd.teachers import TeacherSet
+    from llmkd.teachers.spec import teacher_specs
+    from llmkd.trainer import DistillationTrainer, build_method
+
+    m = cfg.model
+    specs = teacher_specs(m)
+    student_tok = load_tokenizer(resolve_model_name(m.student or specs[m.student_from].teacher))
+    methods = {}
+    for name, spec in specs.items():
+        own = load_tokenizer(resolve_model_name(spec.teacher)) if spec.kind == "live" else None
+        methods[name] = build_method(cfg.method.name, cfg.method.params, student_tok, own)
+    method = TeacherMix(methods, mix=cfg.method.teacher_mix, weights={n: s.weight for n, s in specs.items()})
+    parts = []
+    for teacher, source in sources(cfg.data):
+        if source.path and is_generated_dir(source.path) and method.uses_generated_token_ids:
+            check_generated_tokenizer(source.path, student_tok)
+        split = build_datasets(cfg, method, source)
+        parts.append(tuple(tag(ds, teacher or next(iter(specs))) for ds in split))
+    train, evals = concat([p[0] for p in parts]), concat([p[1] for p in parts])
+    teachers = {name: _load_teacher(name, spec) for name, spec in specs.items()}
+    if m.student is not None:
+        student = load_causal_lm(resolve_model_name(m.student), dtype=m.student_dtype)
+    else:
+        student = derive_student(teachers[m.student_from].model, m.student_layers).to(getattr(torch, m.student_dtype))
+    if m.lora:
+        student = wrap_peft(student, m.lora)
+    teacher = TeacherSet(teachers, mix=cfg.method.teacher_mix, weights=method.weights)
+    return DistillationTrainer(model=student, args=cfg, teacher=teacher, method=method,
+                               processing_class=student_tok, train_dataset=train, eval_dataset=evals)
+
+
+def _load_teacher(name: str, spec):
+    """One teacher of the set, as its kind: a loaded model, a server client, or the rows' top-k."""
+    if spec.kind == "served":
+        from llmkd.teacher_server import ServedTeacher
+        from llmkd.teachers.served import Served
+
+        return Served(ServedTeacher(spec.teacher_server, spec.teacher_topk), name=name)
+    if spec.kind == "offline":
+        from llmkd.teachers.offline import Offline
+
+        return Offline(name=name)
+    from llmkd.models.student import load_causal_lm
+    from llmkd.teachers.live import Live
+
+    return Live(load_causal_lm(resolve_model_name(spec.teacher), dtype=spec.teacher_dtype),
+                name=name, offload=spec.offload)

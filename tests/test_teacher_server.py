@@ -178,10 +178,12 @@ def _trainer(url: str, student_dir: Path, out: Path, *, retries: int = 5, **over
     cfg = _config(url, student_dir, out, method_cfg, **over)
     tok = load_tokenizer(str(student_dir))
     params = {k: v for k, v in method_cfg.items() if k != "name"}
+    from llmkd.teachers.served import Served
+
     method = build_method("token_kd", params, tok)
-    method.teacher_server = ServedTeacher(url, K, retries=retries, backoff=0.2)
+    teacher = Served(ServedTeacher(url, K, retries=retries, backoff=0.2))
     train, evals = build_datasets(cfg, method)
-    return DistillationTrainer(model=load_causal_lm(student_dir), args=cfg, teacher=None, method=method,
+    return DistillationTrainer(model=load_causal_lm(student_dir), args=cfg, teacher=teacher, method=method,
                                processing_class=tok, train_dataset=train, eval_dataset=evals)
 
 
@@ -194,7 +196,7 @@ def test_training_with_the_served_teacher_lowers_the_kd_loss(server, teacher_dir
     # student's own samples, scored by the server (on-policy)
     trainer = build_trainer(_config(url, student, tmp_path / "run",
                                     {"name": "token_kd", "kind": "fkl", "lmbda": 0.5, "max_new_tokens": 8}))
-    assert trainer.teacher is None and trainer.method.teacher_server is not None
+    assert trainer.teacher is None and trainer.method.source.kind == "served"
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
