@@ -33,7 +33,6 @@ from llmkd.methods.token_kd import shifted_mask
 
 if TYPE_CHECKING:
     from datasets import Dataset
-    from transformers import PreTrainedModel
 
 GENERATE_HINT = ("run `llmkd generate configs/generate/rationale.yaml` (mode: rationale) and point "
                  "data.path at its output, or give a data file with a `rationale` column")
