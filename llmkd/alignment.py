@@ -11,7 +11,7 @@ example when features are built.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 if TYPE_CHECKING:
@@ -59,6 +59,33 @@ def encode_with_offsets(tokenizer: "PreTrainedTokenizerBase",
     `tokenizer(text, add_special_tokens=False).input_ids`. Batched in Rust."""
     encs = offsets_backend(tokenizer).encode_batch(list(texts), add_special_tokens=False)
     return [(list(e.ids), [tuple(o) for o in e.offsets]) for e in encs]
+
+
+def encode_in_context(tokenizer: "PreTrainedTokenizerBase", contexts: Sequence[str],
+                      texts: Sequence[str]) -> list[tuple[list[int], list[Span]]]:
+    """(ids, offsets within the text) of each text as the tokenizer cuts it right after its
+    context (the rendered prompt), which is where the model reads and writes it.
+
+    Tokenised alone, a text gets what the tokenizer adds at the start of a string:
+    SentencePiece-style tokenizers (Metaspace, prepend_scheme "first": Llama 2, Mistral,
+    TinyLlama) prepend the word-start marker, so a response "The" after a template ending in
+    "\\n" would train on "▁The", a token the model never sees there. Where a token of the full
+    string straddles the boundary (a merge across it), that text is tokenised alone instead.
+    """
+    backend = offsets_backend(tokenizer)
+    full = backend.encode_batch([c + t for c, t in zip(contexts, texts)], add_special_tokens=False)
+    out: list[tuple[list[int], list[Span]]] = []
+    for context, text, enc in zip(contexts, texts, full):
+        n, offsets = len(context), enc.offsets
+        k = len(offsets)
+        while k > 0 and offsets[k - 1][0] >= n:
+            k -= 1
+        if all(e <= n for _, e in offsets[:k]):
+            out.append((list(enc.ids[k:]), [(s - n, e - n) for s, e in offsets[k:]]))
+        else:
+            alone = backend.encode(text, add_special_tokens=False)
+            out.append((list(alone.ids), [tuple(o) for o in alone.offsets]))
+    return out
 
 
 def valid_cuts(offsets: Sequence[Span]) -> dict[int, int]:
@@ -132,31 +159,101 @@ def align_chunks(text: str, tokenizer_a: "PreTrainedTokenizerBase",
 
 @dataclass
 class AlignedText:
-    """One text under both tokenizers and its chunks."""
+    """One text under both tokenizers and its chunks. `paired[k]`: chunk k spells the same text
+    on both sides (False where one side has an <unk> or a lossy normalizer changed the
+    characters: the likelihoods are then of different texts); `ends[k]`: its end in the text."""
 
     ids_a: list[int]
     ids_b: list[int]
     chunks: list[Chunk]
+    paired: list[bool] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
 
 
 class ChunkAligner:
     """Aligns many texts for one tokenizer pair: batched Rust encoding, backends made once.
-    Use it in `Dataset.map(batched=True)` so the alignment is computed once per example."""
+    Use it in `Dataset.map(batched=True)` so the alignment is computed once per example.
+    With `contexts_a`/`contexts_b` (each side's rendered prompt) every text is tokenised where
+    it follows its prompt (`encode_in_context`)."""
 
     def __init__(self, tokenizer_a: "PreTrainedTokenizerBase", tokenizer_b: "PreTrainedTokenizerBase") -> None:
         self.tokenizer_a, self.tokenizer_b = tokenizer_a, tokenizer_b
         offsets_backend(tokenizer_a)
         offsets_backend(tokenizer_b)
 
-    def __call__(self, texts: Sequence[str]) -> list[AlignedText]:
-        enc_a = encode_with_offsets(self.tokenizer_a, texts)
-        enc_b = encode_with_offsets(self.tokenizer_b, texts)
+    def __call__(self, texts: Sequence[str], contexts_a: Sequence[str] | None = None,
+                 contexts_b: Sequence[str] | None = None) -> list[AlignedText]:
+        enc_a = encode_in_context(self.tokenizer_a, contexts_a or [""] * len(texts), texts)
+        enc_b = encode_in_context(self.tokenizer_b, contexts_b or [""] * len(texts), texts)
         out = []
         for text, (ids_a, off_a), (ids_b, off_b) in zip(texts, enc_a, enc_b):
             if bool(ids_a) != bool(ids_b):
                 raise ValueError(f"one tokenizer produced no tokens for {text[:40]!r}; cannot align")
-            out.append(AlignedText(ids_a, ids_b, chunks_from_offsets(off_a, off_b) if ids_a else []))
+            chunks = chunks_from_offsets(off_a, off_b) if ids_a else []
+            ends = [max([e for s, e in off_a[a0:a1] if e > s] or [0]) for (a0, a1), _ in chunks]
+            ends = [max(ends[: k + 1]) for k in range(len(ends))]     # monotone (zero-width chunks)
+            paired = spelled_alike(text, ends, [(ids_a[a0:a1], ids_b[b0:b1]) for (a0, a1), (b0, b1) in chunks],
+                                   self.tokenizer_a, self.tokenizer_b)
+            out.append(AlignedText(ids_a, ids_b, chunks, paired, ends))
         return out
+
+
+def _squash(text: str) -> str:
+    return "".join(text.split())
+
+
+def spelled_alike(text: str, ends: Sequence[int], pieces: Sequence[tuple[list[int], list[int]]],
+                  tokenizer_a: "PreTrainedTokenizerBase", tokenizer_b: "PreTrainedTokenizerBase") -> list[bool]:
+    """Per chunk: do both sides' tokens decode to the chunk's characters (whitespace aside)?
+
+    Offsets map every token back to the original characters, so an <unk> or a token a lossy
+    normalizer produced (lowercase, NFKC: "He" -> "he", "①" -> "1") still covers its span; only
+    decoding shows that the two likelihoods would be of different texts.
+    """
+    if not pieces:
+        return []
+    dec_a = offsets_backend(tokenizer_a).decode_batch([a for a, _ in pieces], skip_special_tokens=False)
+    dec_b = offsets_backend(tokenizer_b).decode_batch([b for _, b in pieces], skip_special_tokens=False)
+    starts = [0, *ends[:-1]]
+    return [_squash(x) == _squash(text[s:e]) == _squash(y) for s, e, x, y in zip(starts, ends, dec_a, dec_b)]
+
+
+def merge_at_word_ends(text: str, al: AlignedText) -> AlignedText:
+    """Join consecutive chunks so that each ends where the text's next character is whitespace
+    (or at its end): there neither tokenizer can merge across, so a chunk's likelihood plus the
+    probability that a new word starts next is the likelihood of the same event on both sides
+    (the debiasing of tokenkit's `alm_unbiased`). A joined chunk is paired when all its parts are."""
+    chunks, paired, ends = [], [], []
+    first = 0
+    for k, end in enumerate(al.ends):
+        if end >= len(text) or text[end].isspace() or k == len(al.chunks) - 1:
+            (a0, _), (b0, _) = al.chunks[first]
+            (_, a1), (_, b1) = al.chunks[k]
+            chunks.append(((a0, a1), (b0, b1)))
+            paired.append(all(al.paired[first: k + 1]))
+            ends.append(end)
+            first = k + 1
+    return AlignedText(al.ids_a, al.ids_b, chunks, paired, ends)
+
+
+_BOUNDARY: "weakref.WeakKeyDictionary[Any, tuple[int, list[int]]]" = weakref.WeakKeyDictionary()
+
+
+def boundary_token_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:
+    """Ids of the tokens that start a new word: their text begins with whitespace (space, tab,
+    newline, in any spelling: "Ġ", "▁", "<0x0A>"), and the special tokens. Each token is decoded
+    after a plain one, since decoders drop a leading space at the start of a string."""
+    cached = _BOUNDARY.get(tokenizer)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
+    backend = offsets_backend(tokenizer)
+    anchor = backend.encode("a", add_special_tokens=False).ids[-1:]
+    prefix = backend.decode(anchor, skip_special_tokens=False)
+    texts = backend.decode_batch([anchor + [i] for i in range(len(tokenizer))], skip_special_tokens=False)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids = [i for i, t in enumerate(texts) if i in special or t[len(prefix):][:1].isspace()]
+    _BOUNDARY[tokenizer] = (len(tokenizer), ids)
+    return ids
 
 
 def render_chat(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]],

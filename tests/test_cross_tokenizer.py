@@ -126,19 +126,81 @@ def test_alm_method_equals_naive_loops(xtok, chunk_size: int) -> None:
     assert metrics["chunk_gap"] > 0
 
 
-@pytest.mark.parametrize("chunk_size", [0, 3])
-def test_uld_method_compares_the_positions_before_each_chunk(xtok, chunk_size: int) -> None:
-    from llmkd.losses import uld_loss
+def naive_uld(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
+    """sum_i |p_(i) - q_(i)| of the descending-sorted probabilities, zero-padded, by a loop."""
+    order_s, order_t = torch.argsort(p_s, descending=True), torch.argsort(p_t, descending=True)
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(max(len(p_s), len(p_t))):
+        s = p_s[order_s[i]] if i < len(p_s) else 0.0
+        t = p_t[order_t[i]] if i < len(p_t) else 0.0
+        total = total + abs(s - t)
+    return total
 
-    method, teacher, student = make_method(xtok, loss="uld", temperature=2.0, chunk_size=chunk_size)
+
+@pytest.mark.parametrize("chunk_size", [0, 3])
+def test_alm_unbiased_equals_naive_loops(xtok, chunk_size: int) -> None:
+    """Debiased ALM: chunks joined up to word ends; each chunk's l plus log P(next token starts
+    a word) on each side (not for the eos chunk). Float64 loops, values and gradients."""
+    from llmkd.alignment import boundary_token_ids
+
+    method, teacher, student = make_method(xtok, loss="alm_unbiased", chunk_size=chunk_size)
+    assert method.params.tau == 100.0
     feats, batch = batch_of(method)
+    s_tok, t_tok = method.student_tokenizer, method.teacher_tokenizer
+    s_b, t_b = boundary_token_ids(s_tok), boundary_token_ids(t_tok)
+    assert s_tok.convert_tokens_to_ids("\u0120the") in s_b or any(s_tok.decode([i]).startswith(" ") for i in s_b)
     s_out = forward_head(student, batch, hidden=chunk_size > 0, vocab=method.vocab_size)
-    loss, _ = method.loss(s_out, method.teacher_targets(batch), batch, None)
+    loss, metrics = method.loss(s_out, method.teacher_targets(batch), batch, None)
     s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     t_logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
-    terms = [uld_loss(s_logits[i, a0 - 1] / 2.0, t_logits[i, b0 - 1].detach() / 2.0, reduction="sum")
-             for i, row in enumerate(feats) for a0, _, b0, _ in row["chunk_spans"]]
-    torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-9, atol=1e-10)
+    terms = []
+    for i, row in enumerate(feats):
+        text = ROWS["response"][i]
+        l_s = naive_chunk_logps(s_logits[i], batch["input_ids"][i], row["chunk_spans"], 0)
+        l_t = naive_chunk_logps(t_logits[i].detach(), batch["teacher_input_ids"][i], row["chunk_spans"], 1)
+        for k, (a0, a1, b0, b1) in enumerate(row["chunk_spans"]):
+            chunk = t_tok.decode(batch["teacher_input_ids"][i][b0:b1])
+            if k < len(row["chunk_spans"]) - 1:     # a word: the text goes on with whitespace
+                rest = text[len(t_tok.decode(batch["teacher_input_ids"][i][row["chunk_spans"][0][2]:b1])):]
+                assert rest == "" or rest[0].isspace()
+                ls = l_s[k] + torch.log(torch.softmax(s_logits[i, a1 - 1].double(), -1)[s_b].sum())
+                lt = l_t[k] + torch.log(torch.softmax(t_logits[i, b1 - 1].detach().double(), -1)[t_b].sum())
+            else:
+                assert chunk == t_tok.eos_token
+                ls, lt = l_s[k], l_t[k]
+            a, b = torch.exp(lt / 100), torch.exp(ls / 100)
+            terms.append(-(a * torch.log(b) + (1 - a) * torch.log(1 - b)))
+    ref = torch.stack(terms).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-10)
+    g, = torch.autograd.grad(loss, student.model.embed_tokens.weight)
+    g_ref, = torch.autograd.grad(ref, student.model.embed_tokens.weight)
+    torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-10)
+    assert metrics["unpaired_chunks"] == 0.0 and "alm_unbiased" in metrics
+
+
+@pytest.mark.parametrize("chunk_size,params", [(0, {"ce_weight": 0.0, "uld_weight": 1.0}),
+                                               (3, {"ce_weight": 0.0, "uld_weight": 1.0}), (3, {})])
+def test_uld_method_compares_the_positions_before_each_chunk(xtok, chunk_size: int, params: dict) -> None:
+    """Default: CE + 1.5 * ULD (Boizard et al.); ce_weight 0 leaves the sorted-L1 term alone.
+    Checked against a float64 loop, values and gradients."""
+    method, teacher, student = make_method(xtok, loss="uld", temperature=2.0, chunk_size=chunk_size, **params)
+    ce_w, uld_w = (params["ce_weight"], params["uld_weight"]) if params else (1.0, 1.5)
+    assert (method.params.ce_weight, method.params.uld_weight) == (ce_w, uld_w)
+    feats, batch = batch_of(method)
+    s_out = forward_head(student, batch, hidden=chunk_size > 0, vocab=method.vocab_size)
+    loss, metrics = method.loss(s_out, method.teacher_targets(batch), batch, None)
+    s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    t_logits = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
+    uld = [naive_uld(torch.softmax(s_logits[i, a0 - 1] / 2.0, -1), torch.softmax(t_logits[i, b0 - 1].detach() / 2.0, -1))
+           for i, row in enumerate(feats) for a0, _, b0, _ in row["chunk_spans"]]
+    nll = [-x for i, row in enumerate(feats)
+           for x in naive_chunk_logps(s_logits[i], batch["input_ids"][i], row["chunk_spans"], 0)]
+    ref = uld_w * torch.stack(uld).mean() + ce_w * torch.stack(nll).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-10)
+    g, = torch.autograd.grad(loss, student.model.embed_tokens.weight)
+    g_ref, = torch.autograd.grad(ref, student.model.embed_tokens.weight)
+    torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-10)
+    assert ("ce" in metrics) == (ce_w > 0) and metrics["unpaired_chunks"] == 0.0
 
 
 def test_ce_is_the_mean_chunk_nll_and_sft_skips_the_teacher(xtok) -> None:
@@ -151,7 +213,7 @@ def test_ce_is_the_mean_chunk_nll_and_sft_skips_the_teacher(xtok) -> None:
     nll = [-x for i, row in enumerate(feats)
            for x in naive_chunk_logps(logits[i], batch["input_ids"][i], row["chunk_spans"], 0)]
     torch.testing.assert_close(loss, torch.stack(nll).mean(), rtol=1e-9, atol=1e-10)
-    assert metrics == {"ce": pytest.approx(float(loss))}
+    assert metrics == {"ce": pytest.approx(float(loss)), "unpaired_chunks": 0.0}
 
 
 def test_grad_accumulation_matches_one_big_batch(xtok, tmp_path) -> None:

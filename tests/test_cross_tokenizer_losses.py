@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmkd.alignment import align_chunks, chunk_index
-from llmkd.losses import alm_loss, uld_loss
+from llmkd.losses import alm_loss, boundary_logp, uld_loss
 from llmkd.losses.alm import chunk_sums
 
 
@@ -72,6 +72,39 @@ def test_alm_teacher_gets_no_gradient_and_edges_stay_finite() -> None:
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(l_s.grad).all()
     assert l_t.grad is None or not l_t.grad.any()
+
+
+def test_alm_default_temperature_is_tokenkits_and_keeps_low_likelihood_chunks_learning() -> None:
+    """tau defaults to 100 (tokenkit): at tau = 1 a chunk at l_S = -25 (teacher -20) has a
+    gradient of ~2e-9 and does not learn; at 100 it has a usable one."""
+    l_t = torch.tensor([-20.0], dtype=torch.float64)
+    grads = {}
+    for tau in (None, 1.0):
+        l_s = torch.tensor([-25.0], dtype=torch.float64, requires_grad=True)
+        loss = alm_loss(l_t, l_s) if tau is None else alm_loss(l_t, l_s, tau=tau)
+        grads[tau], = torch.autograd.grad(loss, l_s)
+    ref = torch.tensor([-25.0], dtype=torch.float64, requires_grad=True)
+    g_ref, = torch.autograd.grad(naive_alm(l_t, ref, 100.0).sum(), ref)
+    torch.testing.assert_close(grads[None], g_ref)
+    assert abs(float(grads[1.0])) < 1e-8 < 1e-3 < abs(float(grads[None]))
+
+
+@pytest.mark.parametrize("shape,v", [((3,), 7), ((2, 4), 11)])
+def test_boundary_logp_equals_formula_values_and_grads(shape: tuple, v: int) -> None:
+    """log sum_{v in ids} softmax(z)_v, written as a loop in float64; float32 agrees."""
+    gen = torch.Generator().manual_seed(5)
+    z = (3 * torch.randn(*shape, v, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    ids = torch.tensor([0, 2, v - 1])
+    ours = boundary_logp(z, ids)
+    flat = z.reshape(-1, v)
+    ref = torch.stack([torch.log(sum(torch.exp(row[i]) for i in ids.tolist()) / torch.exp(row).sum())
+                       for row in flat]).reshape(shape)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g, = torch.autograd.grad((ours * torch.arange(ours.numel()).reshape(shape)).sum(), z)
+    g_ref, = torch.autograd.grad((ref * torch.arange(ref.numel()).reshape(shape)).sum(), z)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(boundary_logp(z.detach().float(), ids).double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    assert (ours <= 0).all()
 
 
 def test_alm_bad_input_names_the_field() -> None:

@@ -25,6 +25,24 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
+def chat_prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The text `chat_prompt_ids` encodes: what a response follows."""
+    if tokenizer.chat_template is None:
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def response_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> list[int]:
+    """The response's token ids as they follow the rendered prompt: tokenised on its own, a
+    SentencePiece-style tokenizer would start it with a word-start marker ("▁The") that the
+    same text after the prompt does not get."""
+    from llmkd.alignment import encode_in_context
+
+    (ids, _), = encode_in_context(tokenizer, [chat_prompt_text(tokenizer, prompt)], [response])
+    return ids
+
+
 def tokenize_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, response: str,
                   max_length: int) -> Dataset:
     """Add input_ids / labels / prompt_len; `response` names the column holding the response text.
@@ -47,7 +65,7 @@ def tokenize_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, respo
         if exact:
             resp = list(row["response_token_ids"])
         else:
-            resp = tokenizer(row[response], add_special_tokens=False)["input_ids"] + [eos]
+            resp = response_ids(tokenizer, row["prompt"], str(row[response])) + [eos]
         keep = max(0, min(len(resp), max_length - len(prompt)))
         out = {"input_ids": prompt + resp[:keep], "labels": [-100] * len(prompt) + resp[:keep],
                "prompt_len": len(prompt)}

@@ -28,7 +28,7 @@ def alm_loss(
     teacher_chunk_logp: torch.Tensor,
     student_chunk_logp: torch.Tensor,
     *,
-    tau: float = 1.0,
+    tau: float = 100.0,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
     num_items: int | float | torch.Tensor | None = None,
@@ -40,7 +40,7 @@ def alm_loss(
     chunk count), "sum" sums them, "none" returns the per-chunk values.
     """
     if not tau > 0:
-        raise ValueError(f"method.tau={tau} must be > 0 (the ALM paper uses 1.0)")
+        raise ValueError(f"method.tau={tau} must be > 0 (tokenkit's default is 100)")
     if teacher_chunk_logp.shape != student_chunk_logp.shape:
         raise ValueError(f"teacher chunk log-likelihoods {tuple(teacher_chunk_logp.shape)} and student "
                          f"{tuple(student_chunk_logp.shape)} differ; both must be laid out per chunk")
@@ -66,3 +66,10 @@ def chunk_sums(token_logp: torch.Tensor, chunk_index: torch.Tensor, num_chunks: 
     values = torch.where(inside, token_logp, torch.zeros((), dtype=token_logp.dtype, device=token_logp.device))
     out = torch.zeros(token_logp.shape[0], num_chunks, dtype=token_logp.dtype, device=token_logp.device)
     return out.scatter_add(1, chunk_index.clamp(min=0), values)
+
+
+def boundary_logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log sum_{v in ids} softmax(logits)_v over the last dim: the log-probability that the next
+    token is one of `ids` (debiased ALM: the tokens that start a new word). (..., V) -> (...)."""
+    x = logits.to(compute_dtype(logits))
+    return x.index_select(-1, ids).logsumexp(-1) - x.logsumexp(-1)
