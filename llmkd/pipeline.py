@@ -10,10 +10,12 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from llmkd.config import DataSpec, DistillationConfig, teacher_mode
+from llmkd.config import DataSpec, DistillationConfig
 from llmkd.data.recipes import load_recipe
 from llmkd.methods.base import Method
 from llmkd.models.embedded import resolve_model_name
+from llmkd.teachers import Teacher
+from llmkd.teachers.spec import TeacherSpec
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -69,40 +71,44 @@ def split_by_prompt(rows: Dataset, num_train: int, num_eval: int, *, allow_fewer
             rows.select([r for r, i in enumerate(index) if i in eval_p]))
 
 
-def build_models(cfg: DistillationConfig) -> tuple[PreTrainedModel | None, PreTrainedModel]:
-    """(teacher or None when offline, student). The student is derived from the teacher when
-    model.student is unset."""
+def build_models(cfg: DistillationConfig, teachers: dict[str, Teacher]) -> PreTrainedModel:
+    """The student: model.student, or derived from the teacher model.student_from names (with
+    one teacher: that one), loaded only for this when it is not live."""
     import torch
 
     from llmkd.models.student import derive_student, load_causal_lm, wrap_peft
 
     m = cfg.model
-    zero3 = _start_zero3_comm()
-    teacher = None
-    live = teacher_mode(m) == "live"
-    if m.teacher is not None and (live or m.student is None):
-        teacher = load_causal_lm(resolve_model_name(m.teacher), dtype=m.teacher_dtype)
     if m.student is not None:
         student = load_causal_lm(resolve_model_name(m.student), dtype=m.student_dtype)
-    elif zero3:
-        # the teacher was partitioned while loading: gather it, and build the student whole
-        # (deepspeed.initialize partitions it later)
-        import deepspeed
-        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-        with deepspeed.zero.GatheredParameters(list(teacher.parameters())):
-            unset_hf_deepspeed_config()
-            try:
-                student = derive_student(teacher, m.student_layers).to(getattr(torch, m.student_dtype))
-            finally:
-                set_hf_deepspeed_config(cfg.hf_deepspeed_config)
     else:
-        student = derive_student(teacher, m.student_layers).to(getattr(torch, m.student_dtype))
-    if not live:          # offline / served: the teacher was only loaded to derive the student
-        teacher = None
+        source = teachers[m.student_from if m.teachers else "teacher"].model
+        if source is None:      # offline / served: the teacher is loaded only to derive the student
+            source = load_causal_lm(resolve_model_name(m.teacher), dtype=m.teacher_dtype)
+        derive = lambda: derive_student(source, m.student_layers).to(getattr(torch, m.student_dtype))  # noqa: E731
+        if _zero3():
+            # the teacher was partitioned while loading: gather it, and build the student whole
+            # (deepspeed.initialize partitions it later)
+            import deepspeed
+            from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+            with deepspeed.zero.GatheredParameters(list(source.parameters())):
+                unset_hf_deepspeed_config()
+                try:
+                    student = derive()
+                finally:
+                    set_hf_deepspeed_config(cfg.hf_deepspeed_config)
+        else:
+            student = derive()
     if m.lora:
         student = wrap_peft(student, m.lora)
-    return teacher, student
+    return student
+
+
+def _zero3() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def _start_zero3_comm() -> bool:
@@ -110,9 +116,7 @@ def _start_zero3_comm() -> bool:
     which needs DeepSpeed's communicator. accelerate starts it only for GPU runs; with
     use_cpu=True it would first start inside deepspeed.initialize, after the models load.
     Start it now: it wraps the (gloo) process group accelerate already formed."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
+    if not _zero3():
         return False
     import deepspeed
     import torch
@@ -123,29 +127,41 @@ def _start_zero3_comm() -> bool:
 
 
 def build_trainer(cfg: DistillationConfig):
-    """Everything a `llmkd distill` run needs, validated in cheap-to-expensive order."""
+    """Everything a `llmkd distill` run needs, validated in cheap-to-expensive order: tokenizers,
+    one method instance per teacher, each source's rows as its teacher's features, then the
+    weights (teachers, the student last). `model.teacher` is the set of one teacher, named
+    `teacher`; a set of one is the method itself (`TeacherMix.of`)."""
+    from llmkd.data.mixture import concat, sources, tag
+    from llmkd.methods.mix import TeacherMix
+    from llmkd.teachers import TeacherSet
+    from llmkd.teachers.spec import teacher_method, teacher_specs
     from llmkd.trainer import DistillationTrainer, build_method
 
     m = cfg.model
-    if m.teachers:                   # several teachers (model.teachers): one method instance each
-        return build_teacher_set_trainer(cfg)
-    student_tok = load_tokenizer(resolve_model_name(m.student if m.student is not None else m.teacher))
-    teacher_tok = None
-    if m.teacher is not None and teacher_mode(m) == "live":
-        teacher_tok = load_tokenizer(resolve_model_name(m.teacher))
-    method = build_method(cfg.method.name, cfg.method.params, student_tok, teacher_tok)
-    if cfg.data.path and is_generated_dir(cfg.data.path) and method.uses_generated_token_ids:
-        check_generated_tokenizer(cfg.data.path, student_tok)
-    train, evals = build_datasets(cfg, method)
-    teacher, student = build_models(cfg)
-    if m.teacher_server:        # no model: the targets come from the server
-        from llmkd.teacher_server import ServedTeacher
-        from llmkd.teachers.served import Served
-
-        teacher = Served(ServedTeacher(m.teacher_server, m.teacher_topk))
+    specs = teacher_specs(m)
+    first = m.student_from if m.teachers else "teacher"
+    student_tok = load_tokenizer(resolve_model_name(m.student if m.student is not None else specs[first].teacher))
+    methods = {}
+    for name, spec in specs.items():
+        own = load_tokenizer(resolve_model_name(spec.teacher)) if spec.kind == "live" else None
+        methods[name] = build_method(*teacher_method(cfg.method, spec), student_tok, own)
+    method = TeacherMix.of(methods, mix=cfg.method.teacher_mix, weights={n: s.weight for n, s in specs.items()})
+    mixed = isinstance(method, TeacherMix)
+    parts = []
+    for teacher, source in sources(cfg.data):
+        name = teacher or next(iter(specs))
+        own = methods[name] if mixed and method.mix == "route" else method    # its teacher's features
+        if source.path and is_generated_dir(source.path) and own.uses_generated_token_ids:
+            check_generated_tokenizer(source.path, student_tok)
+        split = build_datasets(cfg, own, source)
+        parts.append(tuple(tag(ds, name) for ds in split) if mixed else split)
+    train, evals = (parts[0][i] if len(parts) == 1 else concat([p[i] for p in parts]) for i in (0, 1))
+    _start_zero3_comm()
+    teachers = {name: _load_teacher(name, spec) for name, spec in specs.items()}
+    student = build_models(cfg, teachers)
+    teacher = TeacherSet(teachers, mix=method.mix, weights=method.weights) if mixed else teachers[next(iter(specs))]
     return DistillationTrainer(model=student, args=cfg, teacher=teacher, method=method,
-                               processing_class=student_tok, teacher_processing_class=teacher_tok,
-                               train_dataset=train, eval_dataset=evals)
+                               processing_class=student_tok, train_dataset=train, eval_dataset=evals)
 
 
 def check_generated_tokenizer(path: str | Path, student_tok: PreTrainedTokenizerBase) -> None:
@@ -166,47 +182,7 @@ def check_generated_tokenizer(path: str | Path, student_tok: PreTrainedTokenizer
             "with the teacher's tokenizer, or regenerate the data with a matching teacher")
 
 
-# --- several teachers (model.teachers, data.mixture, method.teacher_mix) ---------------------------
-def build_teacher_set_trainer(cfg: DistillationConfig):
-    """`build_trainer` for `model.teachers`: tokenizers, one method instance per teacher, the
-    mixture's rows tagged by teacher, then the weights (live teachers; the student last)."""
-    import torch
-
-    from llmkd.data.mixture import concat, sources, tag
-    from llmkd.methods.mix import TeacherMix
-    from llmkd.models.student import derive_student, load_causal_lm, wrap_peft
-    from llmkd.teachers import TeacherSet
-    from llmkd.teachers.spec import teacher_specs
-    from llmkd.trainer import DistillationTrainer, build_method
-
-    m = cfg.model
-    specs = teacher_specs(m)
-    student_tok = load_tokenizer(resolve_model_name(m.student or specs[m.student_from].teacher))
-    methods = {}
-    for name, spec in specs.items():
-        own = load_tokenizer(resolve_model_name(spec.teacher)) if spec.kind == "live" else None
-        methods[name] = build_method(cfg.method.name, cfg.method.params, student_tok, own)
-    method = TeacherMix(methods, mix=cfg.method.teacher_mix, weights={n: s.weight for n, s in specs.items()})
-    parts = []
-    for teacher, source in sources(cfg.data):
-        if source.path and is_generated_dir(source.path) and method.uses_generated_token_ids:
-            check_generated_tokenizer(source.path, student_tok)
-        split = build_datasets(cfg, method, source)
-        parts.append(tuple(tag(ds, teacher or next(iter(specs))) for ds in split))
-    train, evals = concat([p[0] for p in parts]), concat([p[1] for p in parts])
-    teachers = {name: _load_teacher(name, spec) for name, spec in specs.items()}
-    if m.student is not None:
-        student = load_causal_lm(resolve_model_name(m.student), dtype=m.student_dtype)
-    else:
-        student = derive_student(teachers[m.student_from].model, m.student_layers).to(getattr(torch, m.student_dtype))
-    if m.lora:
-        student = wrap_peft(student, m.lora)
-    teacher = TeacherSet(teachers, mix=cfg.method.teacher_mix, weights=method.weights)
-    return DistillationTrainer(model=student, args=cfg, teacher=teacher, method=method,
-                               processing_class=student_tok, train_dataset=train, eval_dataset=evals)
-
-
-def _load_teacher(name: str, spec):
+def _load_teacher(name: str, spec: TeacherSpec) -> Teacher:
     """One teacher of the set, as its kind: a loaded model, a server client, or the rows' top-k."""
     if spec.kind == "served":
         from llmkd.teacher_server import ServedTeacher

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmkd.data.mixture import TEACHER_COLUMN
-from llmkd.methods.base import HeadOutput, Method, TeacherTargets
+from llmkd.methods.base import HeadOutput, Method, TeacherTargets, pad_id
 
 if TYPE_CHECKING:
     import torch
@@ -38,12 +38,22 @@ class MixedTargets(TeacherTargets):
 
 
 class TeacherMix(Method):
-    """The configured method once per teacher (`methods`: name -> set-up instance)."""
+    """The configured method once per teacher (`methods`: name -> set-up instance; a teacher's
+    instance may be another method, e.g. cross_tokenizer for a teacher of another tokenizer).
+
+    route batches hold one block per teacher, `NAME/KEY` (B rows, only that teacher's rows
+    meaningful): exactly what its own method's `collate` made of its rows, so each teacher keeps
+    its own features (teacher-side ids, chunk layouts, top-k). The shared `input_ids`,
+    `attention_mask`, `labels` and prompt keys are those blocks right- (prompts: left-) padded to
+    one width, for the student's single forward; rows are grouped by teacher."""
 
     def __init__(self, methods: dict[str, Method], *, mix: str = "route",
                  weights: dict[str, float] | None = None) -> None:
         first = next(iter(methods.values()))
         super().__init__(first.params)
+        if len({m.uses_num_items for m in methods.values()}) > 1:
+            raise ValueError("config: model.teachers.*.method: methods that normalise by the window's item "
+                             "count and per-micro-batch means cannot share a step; use one kind for all teachers")
         self.methods, self.first, self.mix = methods, first, mix
         self.name = first.name
         self.Params = first.Params
@@ -54,12 +64,21 @@ class TeacherMix(Method):
         self.weights = {n: w[n] / sum(w.values()) for n in methods}
         self.index = {n: i for i, n in enumerate(methods)}
 
+    @classmethod
+    def of(cls, methods: dict[str, Method], *, mix: str = "route",
+           weights: dict[str, float] | None = None) -> Method:
+        """The teachers' methods as one method: a set of one teacher is its method itself (route
+        and mean of one teacher are that teacher), so a single teacher runs exactly as before."""
+        if len(methods) == 1:
+            return next(iter(methods.values()))
+        return cls(methods, mix=mix, weights=weights)
+
     def attach(self, teacher: TeacherSet, student: PreTrainedModel, *, chunked_head_ok: bool) -> None:
         for name, method in self.methods.items():
             method.attach(teacher.teachers[name], student, chunked_head_ok=chunked_head_ok)
         self.source, self.chunked_head_ok = teacher, chunked_head_ok
 
-    # -- data: the first instance's rules (all share the student tokenizer), plus the teacher tag --
+    # -- data: route rows get their own teacher's features (the pipeline asks its instance) -----
     def build_examples(self, params: Any, rows: Dataset) -> Dataset:   # type: ignore[override]
         return type(self.first).build_examples(params, rows)
 
@@ -67,21 +86,29 @@ class TeacherMix(Method):
         return self.first.features(rows, response=response, max_length=max_length)
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        import torch
-
-        # rows with an offline teacher's top-k first: the collator sizes k from the first row
-        rows = sorted(rows, key=lambda r: not r.get("teacher_topk_ids"))
-        tags = [r.get(TEACHER_COLUMN) for r in rows]
-        only = next(iter(self.methods)) if len(self.methods) == 1 else None
-        ids = [self.index[t] if isinstance(t, str) else int(t) if t is not None else self.index[only]
-               for t in tags]
-        batch = self.first.collate([{k: v for k, v in r.items() if k != TEACHER_COLUMN
-                                     and not (k.startswith("teacher_topk") and v is None)} for r in rows])
-        batch[TEACHER_COLUMN] = torch.tensor(ids, dtype=torch.long)
-        return batch
+        return self._batch(rows, lambda m, group: m.collate(group))
 
     def sampled_batch(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return self.collate(rows)
+        """Student samples, each rebuilt by its teacher's method (its own teacher-side features
+        from the prompt row's block), then merged as in `collate`."""
+        return self._batch(rows, lambda m, group: m.sampled_batch(group), sampled=True)
+
+    def _batch(self, rows: list[dict[str, Any]], build: Any, *, sampled: bool = False) -> dict[str, torch.Tensor]:
+        import torch
+
+        names = list(self.methods)
+        tags = [r.get(TEACHER_COLUMN) for r in rows]
+        ids = [self.index[t] if isinstance(t, str) else int(t) for t in tags]
+        if self.mix == "mean":          # one target for every row: the shared features
+            batch = build(self.first, [_clean(r, None, sampled) for r in rows])
+            batch[TEACHER_COLUMN] = torch.tensor(ids, dtype=torch.long)
+            return batch
+        parts = []
+        for i, name in enumerate(names):
+            group = [_clean(r, name, sampled) for r, t in zip(rows, ids) if t == i]
+            if group:
+                parts.append((i, name, build(self.methods[name], group)))
+        return merge(parts, pad_id(self.student_tokenizer))
 
     def response_source(self, rng: Any) -> str:
         return self.first.response_source(rng)
@@ -90,7 +117,20 @@ class TeacherMix(Method):
         return self.first.sampling()
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
-        return self.first.count_items(batch)
+        if self.mix == "mean":
+            return self.first.count_items(batch)
+        return sum(self.methods[name].count_items(part) for name, _, part in self.parts(batch))
+
+    def parts(self, batch: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
+        """(name, its rows, its own block) per teacher with rows in a route batch."""
+        out = []
+        for name in self.methods:
+            rows = (batch[TEACHER_COLUMN] == self.index[name]).nonzero().flatten()
+            if len(rows):
+                prefix = f"{name}/"
+                out.append((name, rows, {k[len(prefix):]: v[rows.to(v.device)] for k, v in batch.items()
+                                         if k.startswith(prefix)}))
+        return out
 
     # -- the step -------------------------------------------------------------------------------
     def wants_hidden(self) -> bool:
@@ -99,12 +139,8 @@ class TeacherMix(Method):
     def teacher_targets(self, batch: dict[str, torch.Tensor]) -> TeacherTargets:
         if self.mix == "mean":
             return TeacherTargets(output=HeadOutput(logits=self._mean_logprobs(batch)))
-        parts = []
-        for name, method in self.methods.items():
-            rows = (batch[TEACHER_COLUMN] == self.index[name]).nonzero().flatten()
-            if len(rows):
-                parts.append((name, rows, method.teacher_targets(take_rows(batch, rows))))
-        return MixedTargets(parts=parts)
+        return MixedTargets(parts=[(name, rows, self.methods[name].teacher_targets(part))
+                                   for name, rows, part in self.parts(batch)])
 
     def _mean_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log sum_i w_i softmax(z_i): the mixture as log-probabilities (float32)."""
@@ -128,9 +164,10 @@ class TeacherMix(Method):
             return self.first.loss(student, targets, batch, num_items)
         total, metrics, counts, sums = None, {}, {}, {}
         width = batch["input_ids"].shape[0]
+        blocks = {name: sub for name, _, sub in self.parts(batch)}
         for name, rows, part in targets.parts:
-            method, sub = self.methods[name], take_rows(batch, rows)
-            loss, own = method.loss(take_head(student, rows), part, sub, num_items)
+            method, sub = self.methods[name], blocks[name]
+            loss, own = method.loss(take_head(student, rows, sub["input_ids"].shape[1]), part, sub, num_items)
             items = max(method.count_items(sub), 1)
             per_item = float(loss.detach()) * (float(num_items) / items if num_items is not None else 1.0)
             if not self.uses_num_items:
@@ -163,15 +200,53 @@ class TeacherMix(Method):
                 m.load_state_dict(saved[n])
 
 
-def take_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
-    """The batch restricted to `rows` (every tensor whose first dimension is the batch's)."""
+def _clean(row: dict[str, Any], name: str | None, sampled: bool) -> dict[str, Any]:
+    """A row as its teacher's method knows it: no teacher tag, no empty columns of other sources;
+    a sampled row takes its prompt row's own block (`NAME/KEY`) minus what sampling replaced."""
+    out = {}
+    for k, v in row.items():
+        if k == TEACHER_COLUMN or v is None or (sampled and "/" in k and not k.startswith(f"{name}/")):
+            continue
+        if sampled and name is not None and k.startswith(f"{name}/"):
+            k = k[len(name) + 1:]
+            if k in ("input_ids", "labels", "prompt_len", "attention_mask") or k.startswith("prompt_"):
+                continue
+        out[k] = v
+    return out
+
+
+def merge(parts: list[tuple[int, str, dict[str, torch.Tensor]]], pad: int) -> dict[str, torch.Tensor]:
+    """One batch from per-teacher batches (index, name, batch): the student keys padded to one
+    width (right; prompts left), every key of each also kept whole as a `NAME/KEY` block."""
     import torch
 
-    width = batch["input_ids"].shape[0]
-    return {k: v[rows.to(v.device)] if torch.is_tensor(v) and v.dim() and v.shape[0] == width else v
-            for k, v in batch.items()}
+    b = sum(len(sub["input_ids"]) for _, _, sub in parts)
+    n = max(sub["input_ids"].shape[1] for _, _, sub in parts)
+    p = max(sub["prompt_input_ids"].shape[1] for _, _, sub in parts)
+    out = {"input_ids": torch.full((b, n), pad, dtype=torch.long),
+           "attention_mask": torch.zeros((b, n), dtype=torch.long),
+           "labels": torch.full((b, n), -100, dtype=torch.long),
+           "prompt_input_ids": torch.full((b, p), pad, dtype=torch.long),
+           "prompt_attention_mask": torch.zeros((b, p), dtype=torch.long),
+           TEACHER_COLUMN: torch.zeros(b, dtype=torch.long)}
+    start = 0
+    for index, name, sub in parts:
+        end, width, q = start + len(sub["input_ids"]), sub["input_ids"].shape[1], sub["prompt_input_ids"].shape[1]
+        for key in ("input_ids", "attention_mask", "labels"):
+            out[key][start:end, :width] = sub[key]
+        for key in ("prompt_input_ids", "prompt_attention_mask"):
+            out[key][start:end, p - q:] = sub[key]
+        out[TEACHER_COLUMN][start:end] = index
+        for key, value in sub.items():
+            block = torch.zeros((b, *value.shape[1:]), dtype=value.dtype)
+            block[start:end] = value
+            out[f"{name}/{key}"] = block
+        start = end
+    return out
 
 
-def take_head(out: HeadOutput, rows: torch.Tensor) -> HeadOutput:
-    return HeadOutput(logits=None if out.logits is None else out.logits[rows],
-                      hidden=None if out.hidden is None else out.hidden[rows], head=out.head)
+def take_head(out: HeadOutput, rows: torch.Tensor, width: int) -> HeadOutput:
+    """The student's output on `rows`, cut to their own block's width (right padding: the
+    positions before it are the same whatever the batch's width)."""
+    return HeadOutput(logits=None if out.logits is None else out.logits[rows, :width],
+                      hidden=None if out.hidden is None else out.hidden[rows, :width], head=out.head)

@@ -32,6 +32,8 @@ class TeacherSpec:
     teacher_dtype: str = "float32"
     weight: float = 1.0                 # teacher_mix=mean: its share of the mixture
     offload: str | None = None          # cpu: kept in host memory, on the device only for its rows
+    method: dict | None = None          # this teacher's method keys over the method section (e.g.
+                                        # {name: cross_tokenizer} for a teacher of another tokenizer)
 
     @property
     def kind(self) -> str:
@@ -56,6 +58,14 @@ def teacher_specs(model: Any) -> dict[str, TeacherSpec]:
     return out
 
 
+def teacher_method(method: Any, spec: TeacherSpec) -> tuple[str, dict[str, Any]]:
+    """(method name, params) for one teacher: the method section, with the teacher's own `method`
+    keys on top; another method name starts from that method's defaults."""
+    own = dict(spec.method or {})
+    name = own.pop("name", method.name)
+    return name, ({**method.params, **own} if name == method.name else own)
+
+
 def check_teachers(model: Any, data: Any, method: Any, params: Any) -> None:
     """Every teacher-set rule, one line each: kinds the method can use, names the mixture routes
     to, weights, `mean`'s shared tokenizer, the derived student's teacher."""
@@ -78,7 +88,7 @@ def check_teachers(model: Any, data: Any, method: Any, params: Any) -> None:
     specs = teacher_specs(model)
     for name, spec in specs.items():
         _check_spec(name, spec)
-        check_teacher_kind(params, spec.kind, name)
+        check_teacher_kind(_own_params(method, spec, name), spec.kind, name)
     weights = [s.weight for s in specs.values()]
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"config: model.teachers weights {dict(zip(specs, weights))} must be >= 0 with a "
@@ -123,6 +133,20 @@ def check_teachers(model: Any, data: Any, method: Any, params: Any) -> None:
             raise ValueError(f"config: model.student is missing and model.student_from={model.student_from!r} "
                              f"names no live teacher; set model.student, or student_from: one of "
                              f"{', '.join(n for n, s in specs.items() if s.kind == 'live')}")
+
+
+def _own_params(method: Any, spec: TeacherSpec, name: str) -> Any:
+    """The teacher's method Params (its `method` keys over the method section), validated."""
+    from llmkd.methods import get_params
+
+    if spec.method is not None and not isinstance(spec.method, dict):
+        raise ValueError(f"config: model.teachers.{name}.method must be a mapping of method keys, e.g. "
+                         f"{{name: cross_tokenizer, loss: alm}}; found {spec.method!r}")
+    own, raw = teacher_method(method, spec)
+    try:
+        return get_params(own).from_dict(raw)
+    except ValueError as err:
+        raise ValueError(str(err).replace("method.", f"model.teachers.{name}.method.")) from None
 
 
 def _check_spec(name: str, spec: TeacherSpec) -> None:
