@@ -13,6 +13,7 @@ from llmkd.config import config_from_dict
 from llmkd.pipeline import build_trainer
 
 from helpers import StopAt
+from test_cross_tokenizer import xtok  # noqa: F401  (the fixture: a student on a new tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +159,113 @@ def test_per_teacher_eval_and_training_logs(tiny_pair, second_teacher, tmp_path)
     assert {"kd", "kd_math", "kd_logic", "rows_math", "rows_logic"} <= logged
     ev = trainer.evaluate()
     assert {"eval_math_loss", "eval_logic_loss", "eval_kd_math", "eval_kd_logic"} <= set(ev)
+
+
+def test_one_teacher_is_the_one_element_case(tiny_pair, tmp_path):
+    """model.teacher and model.teachers with one entry build the same plain method (no mixture
+    code, no teacher column) and the same loss on the same batch."""
+    from llmkd.methods.token_kd import TokenKD
+
+    base = {"output_dir": str(tmp_path), "max_steps": 1, "use_cpu": True, "save_strategy": "no", "seed": 0,
+            "disable_tqdm": True, "data": {"recipe": "arithmetic", "num_train": 8, "num_eval": 4},
+            "method": {"name": "token_kd", "kind": "fkl"}}
+    one = build_trainer(config_from_dict(base | {"model": {"student": tiny_pair[1], "teacher": tiny_pair[0]}}))
+    named = build_trainer(config_from_dict(base | {"model": {"student": tiny_pair[1], "student_from": None,
+                                                             "teachers": {"math": {"teacher": tiny_pair[0]}}}}))
+    losses = []
+    for trainer in (one, named):
+        assert type(trainer.method) is TokenKD and "teacher" not in trainer.train_dataset.column_names
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        n = trainer.method.count_items(batch)
+        losses.append(float(trainer.compute_loss(trainer.model.train(), batch, num_items_in_batch=n).detach()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_on_policy_each_sample_is_scored_by_its_sources_teacher(tiny_pair, second_teacher, tmp_path):
+    from llmkd.models.head import forward_head
+
+    trainer = build_trainer(multi_cfg(tiny_pair, second_teacher, tmp_path / "run",
+                                      method={"lmbda": 1.0, "max_new_tokens": 6, "chunk_size": 0}))
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in (0, 8, 1, 9)]))
+    sampled = trainer._with_responses(dict(batch), 0)
+    assert sampled.pop("_source") == "student"
+    assert sampled["teacher"].tolist() == batch["teacher"].tolist()
+    assert not torch.equal(sampled["labels"][:, -1], batch["labels"][:, -1]) or \
+        sampled["input_ids"].shape != batch["input_ids"].shape        # new responses
+    student = trainer.model.train()
+    n = trainer.method.count_items(sampled)
+    loss = trainer.compute_loss(student, dict(sampled), num_items_in_batch=n)
+    metrics = {k: v[-1] for k, v in trainer._metrics.items()}
+    total = 0.0
+    for name, teacher_dir in (("math", tiny_pair[0]), ("logic", second_teacher)):
+        idx = (sampled["teacher"] == trainer.method.index[name]).nonzero().flatten()
+        sub = {k: sampled[k][idx] for k in ("input_ids", "attention_mask", "labels")}
+        single = _single(tiny_pair, teacher_dir, student)
+        with torch.no_grad():
+            total += float(single.loss(forward_head(student, sub, hidden=False), single.teacher_targets(sub),
+                                       sub, n)[0])
+            own = single.loss(forward_head(student, sub, hidden=False), single.teacher_targets(sub), sub, None)[0]
+        assert metrics[f"kd_{name}"] == pytest.approx(float(own), rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(total, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def student_tok_teacher(xtok, tmp_path_factory) -> str:
+    """A teacher on the (new) student tokenizer of `xtok`: the same-tokenizer one beside the
+    cross-tokenizer teacher."""
+    from transformers import AutoTokenizer
+
+    from llmkd.models.tiny import tiny_model
+
+    out = tmp_path_factory.mktemp("same")
+    tok = AutoTokenizer.from_pretrained(xtok[1])
+    tiny_model(tok, layers=2, std=0.1, seed=3).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def cross_cfg(xtok, same_dir: str, out: Path, **method):
+    return config_from_dict({
+        "output_dir": str(out), "max_steps": 2, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
+        "logging_steps": 1, "use_cpu": True, "save_strategy": "no", "seed": 0, "disable_tqdm": True,
+        "model": {"student": xtok[1], "teachers": {
+            "same": {"teacher": same_dir},
+            "other": {"teacher": xtok[0], "method": {"name": "cross_tokenizer", "loss": "alm"}}}},
+        "data": {"mixture": [{"recipe": "arithmetic", "num_train": 8, "num_eval": 4, "teacher": "same"},
+                             {"recipe": "arithmetic", "num_train": 8, "num_eval": 4, "seed": 1, "teacher": "other"}]},
+        "method": {"name": "token_kd", "kind": "fkl", **method}})
+
+
+def test_cross_tokenizer_teacher_beside_a_same_tokenizer_one(xtok, student_tok_teacher, tmp_path):
+    """One micro-batch, one backward: token_kd on the same-tokenizer teacher's rows + ALM on the
+    other tokenizer's rows = the two methods' losses (and gradients) on their own rows, each
+    normalised by the window's items (tokens + chunks)."""
+    from llmkd.methods.cross_tokenizer import CrossTokenizer
+    from llmkd.models.head import forward_head
+
+    trainer = build_trainer(cross_cfg(xtok, student_tok_teacher, tmp_path / "run"))
+    methods = trainer.method.methods
+    assert isinstance(methods["other"], CrossTokenizer) and not isinstance(methods["same"], CrossTokenizer)
+    rows = [trainer.train_dataset[i] for i in (0, 8, 1, 9)]
+    batch = trainer.data_collator(rows)
+    assert "other/teacher_input_ids" in batch and "same/teacher_input_ids" not in batch
+    own = {name: methods[name].collate([{k: v for k, v in r.items() if k != "teacher" and v is not None}
+                                        for r in rows if r["teacher"] == name]) for name in methods}
+    n = trainer.method.count_items(batch)
+    assert n == sum(methods[name].count_items(own[name]) for name in methods)
+    student = trainer.model.train()
+    student.zero_grad()
+    trainer.compute_loss(student, dict(batch), num_items_in_batch=n).backward()
+    mixed_grad = {k: p.grad.clone() for k, p in student.named_parameters()}
+    metrics = {k: v[-1] for k, v in trainer._metrics.items()}
+    assert {"kd_same", "alm_other", "rows_same", "rows_other"} <= set(metrics)
+    student.zero_grad()
+    for name, sub in own.items():
+        m = methods[name]
+        m.loss(forward_head(student, sub, hidden=False), m.teacher_targets(sub), sub, n)[0].backward()
+    for k, p in student.named_parameters():
+        torch.testing.assert_close(mixed_grad[k], p.grad, rtol=1e-4, atol=1e-7)
+    on_policy = build_trainer(cross_cfg(xtok, student_tok_teacher, tmp_path / "op", lmbda=1.0, max_new_tokens=6))
+    on_policy.train()                   # student samples, re-tokenised for the other teacher
+    logged = {k: v for h in on_policy.state.log_history for k, v in h.items()}
+    assert logged["on_policy"] == 1.0 and "alm_other" in logged and "kd_same" in logged
