@@ -144,7 +144,13 @@ def build_trainer(cfg: DistillationConfig):
     methods = {}
     for name, spec in specs.items():
         own = load_tokenizer(resolve_model_name(spec.teacher)) if spec.kind == "live" else None
-        methods[name] = build_method(*teacher_method(cfg.method, spec), student_tok, own)
+        try:
+            methods[name] = build_method(*teacher_method(cfg.method, spec), student_tok, own)
+        except ValueError as err:       # e.g. a tokenizer pair the method cannot distil between
+            if not m.teachers:
+                raise
+            raise ValueError(f"model.teachers.{name}: {err} (for this teacher alone: "
+                             f"model.teachers.{name}.method: {{name: cross_tokenizer}})") from None
     method = TeacherMix.of(methods, mix=cfg.method.teacher_mix, weights={n: s.weight for n, s in specs.items()})
     mixed = isinstance(method, TeacherMix)
     parts = []
