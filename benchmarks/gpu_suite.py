@@ -165,6 +165,9 @@ def phase_profiler(trainer: Any, device: str) -> Callable[[list[float]], dict]:
     class Steps(TrainerCallback):
         opt_start = 0.0
 
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            phases.clear()   # set-up (model loading, imports) belongs to no step
+
         def on_pre_optimizer_step(self, *a: Any, **k: Any) -> None:
             sync()
             self.opt_start = time.perf_counter()
@@ -182,23 +185,42 @@ def phase_profiler(trainer: Any, device: str) -> Callable[[list[float]], dict]:
         table = []
         for i, wall in enumerate(step_s):
             row = {name: round(by_step.get(i, 0.0), 4) for name, by_step in sorted(phases.items())}
-            row["other"] = round(wall - sum(row.values()), 4)
+            # gc pauses happen inside the other phases: reported, not subtracted
+            row["other"] = round(wall - sum(v for k, v in row.items() if k != "gc"), 4)
             table.append({"step": i + 1, "wall_s": round(wall, 4), **row})
         return {"phases_per_step": table}
     return finish
 
 
+def synthetic_tokenizer(vocab: int) -> Any:
+    """A byte-level BPE tokenizer of exactly ``vocab`` ids and no merges (the chat markers, the
+    256 byte symbols, then filler tokens): llmkd compares the tokenizer's rows only, so it must
+    cover the whole head. Text tokenizes byte by byte; sampled filler ids decode to filler."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmkd.models.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    symbols = [*SPECIAL_TOKENS, *pre_tokenizers.ByteLevel.alphabet()]
+    symbols += [f"<filler{i}>" for i in range(vocab - len(symbols) - 1)]
+    symbols.append("<|endoftext|>")   # what AutoTokenizer adds when config.json says qwen2
+    inner = Tokenizer(models.BPE({t: i for i, t in enumerate(symbols)}, []))
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<|begin|>", eos_token="<|end|>",
+                                  pad_token="<|pad|>", additional_special_tokens=SPECIAL_TOKENS[3:])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def save_random_pair(root: Path, tiny: bool) -> str:
     """Random Qwen2-architecture teacher (root) and student (root/student), bf16 safetensors, and
-    a small trained tokenizer (model vocab larger than the tokenizer's: sampled ids past it are
-    only ever ids)."""
+    a tokenizer of the same vocabulary."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from llmkd.models.tiny import tiny_tokenizer
-
-    tok = tiny_tokenizer(512)
-    vocab = 1024 if tiny else 151936
+    vocab = 512 if tiny else 151936
+    tok = synthetic_tokenizer(vocab)
     for name, dims in (TINY_QWEN if tiny else QWEN).items():
         torch.manual_seed(0)
         config = Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, max_position_embeddings=4096,
@@ -216,17 +238,17 @@ def step_rows(args: argparse.Namespace, deadline: float, workdir: Path) -> dict[
 
     from transformers import AutoTokenizer
 
-    batch, prompt_words, response, new = (2, 4, 24, 8) if args.tiny else (8, 40, 960, 128)
+    batch, prompt_words, response, new = (2, 4, 24, 8) if args.tiny else (8, 20, 960, 128)
     steps = 3 if args.tiny else 4
     regime = step_vs_trl.Regime("qwen_synthetic", "arithmetic", rows=batch * steps, batch=batch,
                                 response_tokens=response, max_new_tokens=new)
     model_dir = save_random_pair(workdir / "pair", args.tiny)
     tok = AutoTokenizer.from_pretrained(model_dir)
     rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "seven", "plus", "times", "apple"]
     rows = []
     for _ in range(regime.rows):
-        messages = [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(prompt_words))}]
+        text = " ".join(str(rng.randrange(100)) for _ in range(prompt_words))
+        messages = [{"role": "user", "content": text}]
         ids = [rng.randrange(10, len(tok)) for _ in range(response - 1)] + [tok.eos_token_id]
         rows.append({"messages": messages, "prompt_ids": step_vs_trl.prompt_ids(tok, messages),
                      "response_ids": ids})

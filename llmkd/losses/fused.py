@@ -146,6 +146,12 @@ def use_fused(mode: str | bool, device: torch.device, dtype: torch.dtype) -> boo
     return missing is None and device.type in AUTO_DEVICES and dtype != torch.float64
 
 
+# Inductor realizes an intermediate read by several reductions as a (chunk, V) buffer (four of
+# them here by default: fresh allocations, page faults on a CPU, memory traffic on a GPU); these
+# thresholds make it recompute them in registers instead. On this 2-core CPU (N 2048, V 16384,
+# H 64, jsd, fwd+bwd, CPU seconds): eager 0.83, compiled 0.86 by default, 0.76 with them.
+INDUCTOR_OPTIONS = {"realize_reads_threshold": 1000, "realize_opcount_threshold": 10000,
+                    "realize_acc_reads_threshold": 1000}
 _compiled: Callable[..., torch.Tensor] | None = None
 _logged: set[tuple[Any, ...]] = set()
 
@@ -157,7 +163,7 @@ def run_compiled(z_s: torch.Tensor, z_t: torch.Tensor, b_s: torch.Tensor | None,
     its compile time (once per process)."""
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(chunk_math, fullgraph=True)
+        _compiled = torch.compile(chunk_math, fullgraph=True, options=INDUCTOR_OPTIONS)
     rows = z_s.shape[0]
     if rows > 1:   # 0 / 1 rows would specialise the graph: never mark them
         for x in (z_s, z_t, grad_out):
