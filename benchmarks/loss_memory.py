@@ -187,7 +187,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--teacher-hidden", type=int, default=None, help="default: --hidden")
     parser.add_argument("--chunk-size", type=int, default=1024, help="llmkd token chunk")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                        help="default: all (liger only on a GPU: its kernels are Triton)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (memory: GPU allocator peak)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=5, help="timed runs on a GPU (median)")
@@ -200,6 +201,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_child(args)))
         return
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if v != "liger" or args.device.startswith("cuda")]
     if args.quick:
         args.batch, args.seq, args.vocab, args.hidden = 1, 256, 4096, 64
         if args.output == RESULTS:

@@ -25,10 +25,11 @@ from llmkd.validation import check_fused
 
 log = logging.getLogger("llmkd")
 
-# Where `fused: auto` turns the compiled path on. On the 2-core CPU the compiled chunk math does
-# not beat the eager in-place passes (benchmarks/results/loss_memory.json: README), and each
-# graph costs tens of seconds of compile time there; on a GPU with Triton the eager passes are
-# the bottleneck (8.2x the matmul floor on an H200), so auto compiles.
+# Where `fused: auto` turns the compiled path on. On the 2-core CPU the compiled chunk math is
+# not faster at SmolLM2 sizes (1.28x vs the eager 1.20x of the matmul floor, CPU seconds, in one
+# run: benchmarks/results/loss_memory.json), ~9 % faster only where the element-wise work
+# dominates, and each process pays ~25 s of compile; on a GPU the eager passes are the bottleneck
+# (8.2x the matmul floor on an H200), so auto compiles there.
 AUTO_DEVICES = ("cuda",)
 
 
