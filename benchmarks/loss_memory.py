@@ -2,8 +2,11 @@
 
 Variants, each in its own subprocess so that peak RSS belongs to that variant alone:
   naive  full logits of both models, then ``llmkd.losses.divergence``
-  llmkd  ``llmkd.losses.chunked_divergence``
+  llmkd  ``llmkd.losses.chunked_divergence``, ``fused="off"``: the eager element-wise passes
+  llmkd_fused  the same, ``fused="on"``: each chunk's element-wise math compiled into one pass
+         (its compile falls in the warm-up, reported as ``warmup_s``)
   trl    TRL's ``trl.trainer.distillation_trainer._chunked_divergence_loss``
+  liger  Liger-Kernel's ``LigerFusedLinearJSD`` (Triton: GPU only)
   floor  only the matmuls no exact loss can avoid, chunked like llmkd: student and teacher logits
          (N x H x V each) and the two gradient matmuls (d hidden = g W, d W = g^T h), into reused
          buffers; no softmax, no divergence. llmkd's time / this time is its overhead.
@@ -16,6 +19,7 @@ it never asserts.
     python benchmarks/loss_memory.py            # SmolLM2 sizes (~2 minutes on 2 quiet cores)
     python benchmarks/loss_memory.py --quick    # batch 1, seq 256, vocab 4096, hidden 64: seconds
     python benchmarks/loss_memory.py --device cuda --dtype bfloat16 --output gpu.json   # on a GPU
+    python benchmarks/loss_memory.py --variants llmkd llmkd_fused floor   # fused off / on
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-VARIANTS = ("naive", "llmkd", "trl", "floor")
+VARIANTS = ("naive", "llmkd", "llmkd_fused", "trl", "liger", "floor")
 RESULTS = Path(__file__).resolve().parent / "results" / "loss_memory.json"
 BETA = 0.5
 
@@ -74,11 +78,12 @@ def run_child(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     b, s, v, h = args.batch, args.seq, args.vocab, args.hidden
+    h_teacher = args.teacher_hidden or h
     like = {"device": args.device, "dtype": getattr(torch, args.dtype)}
     h_s = torch.randn(b, s, h, **like, requires_grad=True)
-    h_t = torch.randn(b, s, h, **like)
+    h_t = torch.randn(b, s, h_teacher, **like)
     w_s = (0.05 * torch.randn(v, h, **like)).requires_grad_()
-    w_t = 0.05 * torch.randn(v, h, **like)
+    w_t = 0.05 * torch.randn(v, h_teacher, **like)
     mask = torch.ones(b, s, dtype=torch.long, device=args.device)
     cuda = args.device.startswith("cuda")
 
@@ -90,13 +95,23 @@ def run_child(args: argparse.Namespace) -> dict:
                 teacher_logits = h_t @ w_t.T
             return divergence(h_s @ w_s.T, teacher_logits, "jsd", beta=BETA, mask=mask.bool())
 
-    elif args.child == "llmkd":
+    elif args.child in ("llmkd", "llmkd_fused"):
         from llmkd.losses import chunked_divergence
+
+        fused = "on" if args.child == "llmkd_fused" else "off"
 
         def loss_fn(h_s, w_s, h_t, w_t, mask):  # noqa: ANN001, ANN202
             return chunked_divergence(
-                h_s, w_s, h_t, w_t, "jsd", beta=BETA, mask=mask, chunk_size=args.chunk_size
+                h_s, w_s, h_t, w_t, "jsd", beta=BETA, mask=mask, chunk_size=args.chunk_size, fused=fused
             )
+
+    elif args.child == "liger":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        liger = LigerFusedLinearJSD(jsd_beta=BETA, temperature=1.0)
+
+        def loss_fn(h_s, w_s, h_t, w_t, mask):  # noqa: ANN001, ANN202
+            return liger(h_s.reshape(-1, h_s.shape[-1]), w_s, h_t.reshape(-1, h_t.shape[-1]), w_t)
 
     elif args.child == "trl":
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
@@ -116,8 +131,15 @@ def run_child(args: argparse.Namespace) -> dict:
 
     # Warm-up on a sliver of the inputs: first-call costs (kernel selection, thread pools, lazy
     # imports) must not count as the loss's time; the tensors are too small to move the baseline.
-    run(h_s[:1, :8].detach().requires_grad_(), w_s[:256].detach().requires_grad_(),
-        h_t[:1, :8], w_t[:256], mask[:1, :8])
+    # The compiled loss warms up at the full vocabulary (its graph is dynamic in rows only), with
+    # no weight gradient, which would raise the baseline by a (V, H) buffer.
+    start = time.perf_counter()
+    if args.child == "llmkd_fused":
+        run(h_s[:1, :8].detach().requires_grad_(), w_s.detach(), h_t[:1, :8], w_t, mask[:1, :8])
+    else:
+        run(h_s[:1, :8].detach().requires_grad_(), w_s[:256].detach().requires_grad_(),
+            h_t[:1, :8], w_t[:256], mask[:1, :8])
+    warmup = time.perf_counter() - start
     if cuda:   # a GPU picks kernels per shape: warm up at full size, then time several runs
         run(h_s, w_s, h_t, w_t, mask)
         h_s.grad = w_s.grad = None
@@ -144,6 +166,7 @@ def run_child(args: argparse.Namespace) -> dict:
         "grad_hidden_norm": None if loss is None else float(h_s.grad.norm()),
         "grad_weight_norm": None if loss is None else float(w_s.grad.norm()),
         "time_s": seconds,
+        "warmup_s": warmup,
         # CPU seconds (user, system): wall time alone misleads when other jobs share the cores.
         "cpu_user_s": after.ru_utime - usage.ru_utime,
         "cpu_sys_s": after.ru_stime - usage.ru_stime,
@@ -162,8 +185,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--teacher-hidden", type=int, default=None, help="default: --hidden")
     parser.add_argument("--chunk-size", type=int, default=1024, help="llmkd token chunk")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                        help="default: all (liger only on a GPU: its kernels are Triton)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (memory: GPU allocator peak)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=5, help="timed runs on a GPU (median)")
@@ -176,6 +201,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_child(args)))
         return
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if v != "liger" or args.device.startswith("cuda")]
     if args.quick:
         args.batch, args.seq, args.vocab, args.hidden = 1, 256, 4096, 64
         if args.output == RESULTS:
@@ -183,6 +210,7 @@ def main() -> None:
 
     sizes = ["--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab)]
     sizes += ["--hidden", str(args.hidden), "--chunk-size", str(args.chunk_size)]
+    sizes += ["--teacher-hidden", str(args.teacher_hidden or args.hidden)]
     sizes += ["--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats)]
     rows = []
     for variant in args.variants:
@@ -210,14 +238,14 @@ def main() -> None:
         f"B={args.batch} S={args.seq} V={args.vocab} H={args.hidden}  jsd beta={BETA}  "
         f"llmkd chunk_size={args.chunk_size}  {args.device} {args.dtype}"
     )
-    header = f"{'variant':8s} {'loss':>10s} {'time s':>8s} {'cpu usr+sys s':>14s}"
+    header = f"{'variant':11s} {'loss':>10s} {'time s':>8s} {'cpu usr+sys s':>14s}"
     header += f" {'peak MB':>9s} {'extra MB':>9s}"
     header += f" {'extra/naive':>11s} {'peak/naive':>10s} {'time/naive':>10s} {'time/floor':>10s}"
     print(header)
     for r in rows:
         cpu = f"{r['cpu_user_s']:.1f}+{r['cpu_sys_s']:.1f}"
         loss = "-" if r["loss"] is None else f"{r['loss']:.6f}"
-        line = f"{r['variant']:8s} {loss:>10s} {r['time_s']:8.2f} {cpu:>14s}"
+        line = f"{r['variant']:11s} {loss:>10s} {r['time_s']:8.2f} {cpu:>14s}"
         line += f" {r['peak_rss_mb']:9.0f} {r['extra_rss_mb']:9.0f}"
         if naive is not None:
             line += f" {r['extra_rss_vs_naive']:11.3f} {r['peak_rss_vs_naive']:10.3f}"
@@ -229,7 +257,7 @@ def main() -> None:
         print("floor = the 4 unavoidable (chunk x H x V) matmuls; target: llmkd time/floor <= 1.3")
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: getattr(args, k) for k in ("batch", "seq", "vocab", "hidden", "chunk_size",
+    config = {k: getattr(args, k) for k in ("batch", "seq", "vocab", "hidden", "teacher_hidden", "chunk_size",
                                             "device", "dtype")}
     memory = "GPU allocator peak (MB)" if args.device.startswith("cuda") else "ru_maxrss (MB)"
     report = {"config": {**config, "beta": BETA}, "memory": memory, "cpu_count": os.cpu_count(),

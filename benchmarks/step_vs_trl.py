@@ -166,12 +166,14 @@ def token_rows(rows: list[dict]) -> list[dict]:
 
 # -- models and trainers --------------------------------------------------------------------------
 def load_pair(model_dir: str) -> tuple[Any, Any, Any]:
-    """(teacher, student = every other teacher layer, tokenizer), fp32, as `llmkd distill` builds them."""
+    """(teacher, student, tokenizer), fp32, as `llmkd distill` builds them: the student is
+    ``model_dir/student`` where that exists (another shape), else every other teacher layer."""
     from llmkd.models.student import derive_student, load_causal_lm
     from llmkd.pipeline import load_tokenizer
 
     teacher = load_causal_lm(model_dir)
-    student = derive_student(teacher, "every_other")
+    own = Path(model_dir) / "student"
+    student = load_causal_lm(own) if own.is_dir() else derive_student(teacher, "every_other")
     return teacher, student, load_tokenizer(model_dir)
 
 
@@ -270,7 +272,9 @@ def build_trainer(variant: str, model_dir: str, rows: list[dict], regime: Regime
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def run_child(args: argparse.Namespace) -> dict:
+def run_child(args: argparse.Namespace, instrument: Any = None) -> dict:
+    """One variant's training run. ``instrument(trainer, device)``, when given, is called before
+    training and returns a function of the step times whose dict joins the result."""
     import torch
     from transformers import TrainerCallback
 
@@ -300,6 +304,7 @@ def run_child(args: argparse.Namespace) -> dict:
         trainer = build_trainer(args.child, data["model_dir"], data["rows"], regime, args.steps,
                                 out_dir, record, args.device)
         trainer.add_callback(Stamps())
+        finish = instrument(trainer, args.device) if instrument else None
         setup_s = time.perf_counter() - t0
         if gpu:
             torch.cuda.reset_peak_memory_stats()
@@ -310,7 +315,7 @@ def run_child(args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_rss()
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     cpu_steps = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])]
-    return {
+    return {**(finish(steps) if finish else {}),
         "variant": args.child, "regime": regime.name, "setup_s": round(setup_s, 2),
         **step_stats(steps, cpu_steps),
         "loss": record["loss"], "loss_step1": record["loss"][0],
@@ -363,14 +368,23 @@ def write_regime_data(model_dir: str, regime: Regime, path: Path, cache: bool = 
     return info
 
 
-def run_subprocess(argv: list[str], script: str = __file__) -> dict | None:
-    """Run `script` with `argv` in a fresh interpreter; its last stdout line is a JSON result."""
-    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True,
-                          env=child_env())
-    if proc.returncode != 0:
-        print(f"{' '.join(argv)}: failed\n{proc.stderr[-3000:]}", flush=True)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_subprocess(argv: list[str], script: str = __file__, timeout: float | None = None,
+                   errors: list[str] | None = None) -> dict | None:
+    """Run `script` with `argv` in a fresh interpreter; its last stdout line is a JSON result.
+    On failure (or past ``timeout`` seconds) None, and the error's tail appended to ``errors``."""
+    try:
+        proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True,
+                              env=child_env(), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        message = f"timed out after {timeout:.0f} s"
+    else:
+        if proc.returncode == 0:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        message = proc.stderr[-3000:]
+    print(f"{' '.join(argv)}: failed\n{message}", flush=True)
+    if errors is not None:
+        errors.append(message[-1500:])
+    return None
 
 
 def resolve_model(name: str, quick: bool, workdir: Path) -> str:

@@ -80,3 +80,16 @@ def check_divergence(kind: str, beta: float, lam: float, temperature: float, whe
         raise ValueError(f"{where}lam={lam} is outside [0, 1]; DistiLLM uses 0.1")
     if not temperature > 0:
         raise ValueError(f"{where}temperature={temperature} must be > 0 (1.0 leaves logits unchanged)")
+
+
+# The chunked loss's compiled element-wise math (`llmkd.losses.fused`): auto = on where faster.
+FUSED_MODES: tuple[str, ...] = ("auto", "on", "off")
+
+
+def check_fused(value: str | bool, where: str = "") -> str:
+    """The `fused` mode as a string; YAML 1.1 reads a bare on / off as true / false."""
+    mode = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    if mode not in FUSED_MODES:
+        raise ValueError(f"{where}fused={value!r} is unknown; use one of {', '.join(FUSED_MODES)} "
+                         "(auto: compiled where it is faster)")
+    return mode

@@ -130,3 +130,36 @@ def test_teacher_hacking_tiny_writes_proxy_and_golden_curves(tmp_path: Path) -> 
         assert [p["step"] for p in row["curve"]] == [2, 4]
         assert all(p["proxy_kl"] > 0 and p["golden_oracle_kl"] > 0 for p in row["curve"])  # three distinct models
     assert (tmp_path / "teacher_hacking.png").stat().st_size > 0
+
+
+def test_gpu_suite_runs_on_the_cpu_with_tiny_shapes(tmp_path: Path) -> None:
+    """benchmarks/gpu_suite.sh --device cpu --tiny: every loss row at every shape (Liger skipped
+    with a note), the floor measured, llmkd fused and eager on the same loss as TRL; the off- and
+    on-policy steps with a phase table, the off-policy step-1 losses equal to TRL GKD's."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "suite.json"
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_suite.sh"), "--device", "cpu", "--tiny",
+                           "--output", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["loss"]) == {"smollm2_135m", "qwen2.5_1.5b_to_0.5b", "liger_h4096"}
+    for block in report["loss"].values():
+        rows = block["rows"]
+        assert "skipped" in rows["liger"]
+        assert rows["floor"]["time_vs_floor"] == 1.0
+        ref = rows["trl"]["loss"]
+        for variant in ("llmkd", "llmkd_fused"):
+            assert rows[variant]["loss"] == pytest.approx(ref, rel=1e-5), variant
+            assert rows[variant]["grad_weight_norm"] == pytest.approx(rows["trl"]["grad_weight_norm"], rel=1e-4)
+    step = report["step"]
+    for variant in ("llmkd_off", "trl_gkd", "llmkd_on", "trl_distill"):
+        table = step[variant]["phases_per_step"]
+        assert len(table) == step["steps"] and all(row["wall_s"] > 0 for row in table)
+        assert all(row["student_forward"] > 0 and row["backward"] > 0 for row in table)
+    assert all(row["sample"] > 0 for row in step["llmkd_on"]["phases_per_step"])
+    assert step["llmkd_off"]["loss_step1"] == pytest.approx(step["trl_gkd"]["loss_step1"], rel=1e-4)

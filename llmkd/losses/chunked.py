@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from llmkd.losses.divergences import _LOG_FLOOR, check_params, compute_dtype
+from llmkd.losses.fused import normalise_kind, run_compiled, use_fused
 
 Buffers = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -48,12 +49,9 @@ def _fused_loss_and_grad(
     d loss / d logits = q * (a - sum(q * a)); each branch evaluates that for its kind.
     """
     s, t, b3, b4 = buf
-    if kind == "jsd" and beta in (0.0, 1.0):
-        kind = "fkl" if beta == 0.0 else "rkl"
-    if kind in ("skew_fkl", "skew_rkl") and lam in (0.0, 1.0):
-        if lam == 1.0:
-            return s.new_zeros(s.shape[0]), None, 0.0
-        kind = kind[5:]
+    kind = normalise_kind(kind, beta, lam)
+    if kind is None:
+        return s.new_zeros(s.shape[0]), None, 0.0
     q = torch.exp(s, out=b3)
     if kind == "taid":  # CE(p_t, q), p_t = softmax((1-t) s + t t_T), t in the beta slot; g = q - p_t
         log_pt = torch.log_softmax(torch.lerp(s, t, beta, out=b4), dim=-1, out=t)
@@ -106,6 +104,110 @@ def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return functools.reduce(torch.promote_types, dtypes, torch.float32)
 
 
+def _add_grads(grads: tuple[torch.Tensor | None, ...], g: torch.Tensor, low: torch.Tensor,
+               hs: torch.Tensor, ws: torch.Tensor, start: int, end: int, alpha: float) -> None:
+    """Fold a chunk's logit gradient ``g`` (compute dtype), times ``alpha``, into the hidden,
+    weight and bias gradients. With 16-bit matmuls (``hs``'s dtype) g is first copied into
+    ``low``, a spare (chunk, V) buffer of that dtype; accumulation stays in the compute dtype."""
+    grad_h, grad_w, grad_b = grads
+    if grad_b is not None:
+        grad_b.add_(g.sum(0), alpha=alpha)
+    if hs.dtype == g.dtype:
+        if grad_h is not None:
+            torch.mm(g, ws, out=grad_h[start:end]).mul_(alpha)
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), hs, alpha=alpha)
+        return
+    g32, g = g, low.copy_(g)
+    if grad_h is not None:
+        grad_h[start:end] = torch.mm(g, ws)
+        grad_h[start:end].mul_(alpha)
+    if grad_w is not None and hs.dtype == torch.float16:
+        # a chunk's sum over rows of g * h can pass float16's 65504 before any scaling
+        grad_w.addmm_(g32.t(), hs.to(g32.dtype), alpha=alpha)
+    elif grad_w is not None:
+        grad_w.add_(torch.mm(g.t(), hs), alpha=alpha)
+
+
+def _eager_chunks(h_s: torch.Tensor, h_t: torch.Tensor, ws: torch.Tensor, wt: torch.Tensor,
+                  biases: tuple[torch.Tensor | None, torch.Tensor | None], sides: list[tuple[Any, float, float | None]], grads: tuple[torch.Tensor | None, ...],
+                  rows: int, opts: dict[str, Any]) -> torch.Tensor:
+    """The reference path (`fused: off`): in-place passes over reused buffers, chunk by chunk.
+    Returns the summed loss; the gradients are accumulated into ``grads``."""
+    kind, beta, lam, dtype, mm_dtype = (opts[k] for k in ("kind", "beta", "lam", "dtype", "mm_dtype"))
+    (bs, pre_s, post_s), (bt, pre_t, post_t) = sides
+    n, vocab = h_s.shape[0], ws.shape[0]
+    total = torch.zeros((), dtype=dtype, device=ws.device)
+    n_buf = 4 if post_s is None else 5
+    buffers = [torch.empty((rows, vocab), dtype=dtype, device=ws.device) for _ in range(n_buf)]
+    low = None if mm_dtype == dtype else torch.empty((rows, vocab), dtype=mm_dtype, device=ws.device)
+    # d loss / d u = c * g [* (1 - tanh^2)] * scale / T, averaged over denom tokens.
+    coef = opts["student_scale"] * (1.0 / opts["temperature"]) / opts["denom"]
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        buf: Buffers = tuple(b[: end - start] for b in buffers[:4])  # type: ignore[assignment]
+        th_s = buffers[4][: end - start] if post_s is not None else None
+        hs = h_s[start:end].to(mm_dtype)
+        ht = h_t[start:end].to(mm_dtype)
+        for h, w, b, pre, post, u, out in ((hs, ws, bs, pre_s, post_s, th_s, buf[0]),
+                                           (ht, wt, bt, pre_t, post_t, None, buf[1])):
+            h = h * pre if pre != 1.0 else h
+            u = buf[2] if u is None else u
+            if low is not None:   # 16-bit product, float32 from here on
+                u.copy_(torch.mm(h, w.t(), out=low[: end - start]))
+                if b is not None:
+                    u.add_(b)
+            elif b is None:
+                torch.mm(h, w.t(), out=u)
+            else:
+                torch.addmm(b, h, w.t(), out=u)
+            if post is not None:  # u becomes tanh(.), kept for the student's gradient
+                u = torch.mul(u.tanh_(), post, out=buf[2])
+            torch.log_softmax(u, dim=-1, out=out).clamp_(min=_LOG_FLOOR)
+        loss, g, c = _fused_loss_and_grad(buf, kind, beta, lam)
+        total += loss.sum()
+        if g is None:
+            continue
+        if th_s is not None:  # d c tanh(y / c) / dy = 1 - tanh^2
+            g.mul_(th_s.mul_(th_s).neg_().add_(1.0))
+        _add_grads(grads, g, None if low is None else low[: end - start], hs, ws, start, end, c * coef)
+    return total
+
+
+def _fused_chunks(h_s: torch.Tensor, h_t: torch.Tensor, ws: torch.Tensor, wt: torch.Tensor,
+                  biases: tuple[torch.Tensor | None, torch.Tensor | None],
+                  sides: list[tuple[Any, float, float | None]], grads: tuple[torch.Tensor | None, ...],
+                  rows: int, opts: dict[str, Any]) -> torch.Tensor:
+    """`fused: on`: per chunk the two matmuls, one compiled pass (`fused.chunk_math`: bias,
+    scale, cap, both softmaxes, loss and gradient), the gradient matmuls. Three (chunk, V)
+    buffers: the two raw products (the student's reused for a 16-bit gradient) and the gradient."""
+    dtype, mm_dtype = opts["dtype"], opts["mm_dtype"]
+    kind = normalise_kind(opts["kind"], opts["beta"], opts["lam"])
+    (_, pre_s, post_s), (_, pre_t, post_t) = sides
+    n, vocab = h_s.shape[0], ws.shape[0]
+    total = torch.zeros((), dtype=dtype, device=ws.device)
+    consts = torch.tensor([opts["beta"], opts["lam"], pre_s, post_s or 1.0, pre_t, post_t or 1.0],
+                          dtype=dtype, device=ws.device)
+    # a 1-row chunk runs as 2 rows (the second all-zero logits, dropped): the compiled graph is
+    # dynamic in rows >= 2, and 1 row would compile a second, specialised one
+    z_s, z_t = (torch.zeros((max(rows, 2), vocab), dtype=mm_dtype, device=ws.device) for _ in "st")
+    g_buf = torch.empty((max(rows, 2), vocab), dtype=dtype, device=ws.device)
+    b_s, b_t = (None if b is None else b.to(dtype) for b in biases)
+    for start in range(0, n, rows) if kind is not None else ():
+        end = min(start + rows, n)
+        m = max(end - start, 2)
+        if end - start == 1:
+            z_s[1].zero_(), z_t[1].zero_()
+        hs = h_s[start:end].to(mm_dtype)
+        torch.mm(hs, ws.t(), out=z_s[: end - start])
+        torch.mm(h_t[start:end].to(mm_dtype), wt.t(), out=z_t[: end - start])
+        loss = run_compiled(z_s[:m], z_t[:m], b_s, b_t, consts, g_buf[:m], kind, post_s is not None,
+                            post_t is not None)
+        total += loss[: end - start].sum()
+        _add_grads(grads, g_buf[: end - start], z_s[: end - start], hs, ws, start, end, 1.0 / opts["denom"])
+    return total
+
+
 class _ChunkedDivergence(torch.autograd.Function):
     """Loss in the forward with its gradients; the backward returns them scaled."""
 
@@ -127,7 +229,6 @@ class _ChunkedDivergence(torch.autograd.Function):
     def _forward(ctx: Any, h_s: torch.Tensor, w_s: torch.Tensor, b_s: torch.Tensor | None,
                  h_t: torch.Tensor, w_t: torch.Tensor, b_t: torch.Tensor | None,
                  opts: dict[str, Any]) -> torch.Tensor:
-        kind, beta, lam = opts["kind"], opts["beta"], opts["lam"]
         need_h, need_w, need_b = opts["need_grad"]
         inv_t = 1.0 / opts["temperature"]
         dtype, mm_dtype = opts["dtype"], opts["mm_dtype"]
@@ -142,63 +243,12 @@ class _ChunkedDivergence(torch.autograd.Function):
             pre = scale / cap if cap is not None else scale * inv_t
             post = None if cap is None else cap * inv_t
             sides.append((None if b is None else b.to(dtype) * pre, pre, post))
-        (bs, pre_s, post_s), (bt, pre_t, post_t) = sides
         grad_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
         grad_w = torch.zeros(ws.shape, dtype=dtype, device=ws.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=dtype, device=ws.device) if need_b else None
-        total = torch.zeros((), dtype=dtype, device=ws.device)
-
         rows = max(min(opts["chunk_size"], n), 1)
-        n_buf = 4 if post_s is None else 5
-        buffers = [torch.empty((rows, vocab), dtype=dtype, device=ws.device) for _ in range(n_buf)]
-        low = None if mm_dtype == dtype else torch.empty((rows, vocab), dtype=mm_dtype, device=ws.device)
-        # d loss / d u = c * g [* (1 - tanh^2)] * scale / T, averaged over denom tokens.
-        coef = opts["student_scale"] * inv_t / opts["denom"]
-        for start in range(0, n, rows):
-            end = min(start + rows, n)
-            buf: Buffers = tuple(b[: end - start] for b in buffers[:4])  # type: ignore[assignment]
-            th_s = buffers[4][: end - start] if post_s is not None else None
-            hs = h_s[start:end].to(mm_dtype)
-            ht = h_t[start:end].to(mm_dtype)
-            for h, w, b, pre, post, u, out in ((hs, ws, bs, pre_s, post_s, th_s, buf[0]),
-                                               (ht, wt, bt, pre_t, post_t, None, buf[1])):
-                h = h * pre if pre != 1.0 else h
-                u = buf[2] if u is None else u
-                if low is not None:   # 16-bit product, float32 from here on
-                    u.copy_(torch.mm(h, w.t(), out=low[: end - start]))
-                    if b is not None:
-                        u.add_(b)
-                elif b is None:
-                    torch.mm(h, w.t(), out=u)
-                else:
-                    torch.addmm(b, h, w.t(), out=u)
-                if post is not None:  # u becomes tanh(.), kept for the student's gradient
-                    u = torch.mul(u.tanh_(), post, out=buf[2])
-                torch.log_softmax(u, dim=-1, out=out).clamp_(min=_LOG_FLOOR)
-            loss, g, c = _fused_loss_and_grad(buf, kind, beta, lam)
-            total += loss.sum()
-            if g is None:
-                continue
-            if th_s is not None:  # d c tanh(y / c) / dy = 1 - tanh^2
-                g.mul_(th_s.mul_(th_s).neg_().add_(1.0))
-            if grad_b is not None:
-                grad_b.add_(g.sum(0), alpha=c * coef)
-            if low is None:
-                if grad_h is not None:
-                    torch.mm(g, ws, out=grad_h[start:end]).mul_(c * coef)
-                if grad_w is not None:
-                    grad_w.addmm_(g.t(), hs, alpha=c * coef)
-                continue
-            g32, g = g, low[: end - start].copy_(g)   # 16-bit gradient matmuls, float32 accumulation
-            if grad_h is not None:
-                grad_h[start:end] = torch.mm(g, ws)
-                grad_h[start:end].mul_(c * coef)
-            if grad_w is not None and mm_dtype == torch.float16:
-                # a chunk's sum over rows of g * h can pass float16's 65504 before any scaling
-                grad_w.addmm_(g32.t(), hs.to(dtype), alpha=c * coef)
-            elif grad_w is not None:
-                grad_w.add_(torch.mm(g.t(), hs), alpha=c * coef)
-
+        chunks = _fused_chunks if opts["fused"] else _eager_chunks
+        total = chunks(h_s, h_t, ws, wt, (b_s, b_t), sides, (grad_h, grad_w, grad_b), rows, opts)
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
         return total / opts["denom"]
@@ -231,6 +281,7 @@ def chunked_divergence(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     taid_t: float | None = None,
+    fused: str | bool = "auto",
 ) -> torch.Tensor:
     """Mean divergence of ``softcap(scale * (hidden @ weight.T + bias))`` logits, chunk by chunk.
 
@@ -240,7 +291,9 @@ def chunked_divergence(
     (global token count, for grad accumulation) or the mask count. Masked rows are dropped before
     any projection. Gradients reach the student hidden states, weight and bias only;
     half-precision inputs are computed in float32. ``kind="taid"`` is TAID's CE(p_t, q) at
-    interpolation ``taid_t`` (equals `llmkd.losses.taid_loss` on those logits).
+    interpolation ``taid_t`` (equals `llmkd.losses.taid_loss` on those logits). ``fused``: the
+    per-chunk element-wise math compiled into one pass (`llmkd.losses.fused`): "on", "off" (the
+    eager reference) or "auto" (on where it is faster: a GPU with Triton).
     """
     if kind == "taid":
         from llmkd.losses.taid import check_t
@@ -289,6 +342,12 @@ def chunked_divergence(
     denom = max(float(count if num_items is None else num_items), 1.0)
 
     grad_on = torch.is_grad_enabled()
+    dtype = functools.reduce(
+        torch.promote_types,
+        [x.dtype for x in (student_hidden, student_weight, teacher_hidden, teacher_weight,
+                           student_bias, teacher_bias) if x is not None],
+        compute_dtype(student_hidden),
+    )
     opts = {
         "kind": kind,
         "beta": beta,
@@ -300,12 +359,8 @@ def chunked_divergence(
         "teacher_scale": float(teacher_scale),
         "student_softcap": None if student_softcap is None else float(student_softcap),
         "teacher_softcap": None if teacher_softcap is None else float(teacher_softcap),
-        "dtype": functools.reduce(
-            torch.promote_types,
-            [x.dtype for x in (student_hidden, student_weight, teacher_hidden, teacher_weight,
-                               student_bias, teacher_bias) if x is not None],
-            compute_dtype(student_hidden),
-        ),
+        "dtype": dtype,
+        "fused": use_fused(fused, student_hidden.device, dtype),
         "mm_dtype": matmul_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight),
         "need_grad": tuple(
             grad_on and x is not None and x.requires_grad

@@ -11,7 +11,7 @@ from typing import Any
 
 from llmkd.methods.base import MethodParams
 from llmkd.sampling import check_sampler
-from llmkd.validation import check_divergence
+from llmkd.validation import check_divergence, check_fused
 
 LABEL, RATIONALE = 0, 1     # rationale method: the two tasks of Distilling Step-by-Step
 
@@ -29,6 +29,7 @@ class TokenKDParams(MethodParams):
     gen_temperature: float = 1.0
     top_p: float = 1.0
     chunk_size: int = 1024          # >0: lm_head applied chunk by chunk inside the loss; 0: full logits
+    fused: str | bool = "auto"      # chunked loss's per-chunk math compiled: auto | on | off
     sampler: str = "hf"             # on-policy / seq-KD sampling backend: hf | vllm
     vllm: dict[str, Any] = field(default_factory=dict)   # vLLM sampler engine options (README)
 
@@ -43,6 +44,7 @@ class TokenKDParams(MethodParams):
             raise ValueError(f"method.max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.chunk_size < 0:
             raise ValueError(f"method.chunk_size={self.chunk_size} must be >= 0 (0 = full logits)")
+        self.fused = check_fused(self.fused, where="method.")
         check_sampler(self.sampler, self.vllm)
         if not (self.gen_temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError(f"method.gen_temperature={self.gen_temperature} must be > 0 and "

@@ -18,6 +18,7 @@ from llmkd.losses.taid import check_schedule
 from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets, as_mean
 from llmkd.methods.token_kd import head_logits, shifted_mask
 from llmkd.models.head import chunked_divergence_heads
+from llmkd.validation import check_fused
 
 NEEDS_LIVE = ("config: method taid needs model.teacher_mode=live: p_t mixes student and teacher "
               "logits over the whole vocabulary, which top-k log-probs (offline or served) cannot "
@@ -32,8 +33,10 @@ class TAIDParams(MethodParams):
     beta: float = 0.99              # momentum of the relative loss change
     total_steps: int = 0            # steps of the linear floor; 0 = the run's optimizer steps
     chunk_size: int = 1024          # >0: lm_head applied chunk by chunk inside the loss; 0: full logits
+    fused: str | bool = "auto"      # chunked loss's per-chunk math compiled: auto | on | off
 
     def __post_init__(self) -> None:
+        self.fused = check_fused(self.fused, where="method.")
         if self.total_steps < 0 or self.chunk_size < 0:   # before the schedule check's message
             raise ValueError(f"method.total_steps={self.total_steps} and method.chunk_size="
                              f"{self.chunk_size} must be >= 0 (0 = automatic / full logits)")
@@ -74,7 +77,8 @@ class TAID(Method):
         if student.logits is None and t.logits is None:   # chunked: never (B, S, V) logits
             loss = chunked_divergence_heads(student.hidden[:, :-1], student.head, t.hidden[:, :-1],
                                             t.head, "taid", taid_t=self.schedule.t, mask=mask,
-                                            num_items=num_items, chunk_size=self.params.chunk_size)
+                                            num_items=num_items, chunk_size=self.params.chunk_size,
+                                            fused=self.params.fused)
         else:
             loss = taid_loss(head_logits(student)[:, :-1], head_logits(t)[:, :-1], self.schedule.t,
                              mask=mask, num_items=num_items)

@@ -41,7 +41,7 @@ def kd_divergence(student: HeadOutput, targets: TeacherTargets, labels: torch.Te
     t = targets.output
     if student.logits is None and t.logits is None:
         return chunked_divergence_heads(student.hidden[:, :-1], student.head, t.hidden[:, :-1], t.head,
-                                        p.kind, mask=mask, chunk_size=p.chunk_size, **kw)
+                                        p.kind, mask=mask, chunk_size=p.chunk_size, fused=p.fused, **kw)
     # one side fell back to full logits (a head the chunked loss cannot apply): both full
     return divergence(head_logits(student)[:, :-1], head_logits(t)[:, :-1], p.kind, mask=mask, **kw)
 
