@@ -47,6 +47,8 @@ class ModelSpec:
     lora: dict | None = None           # peft LoraConfig fields -> train a LoRA adapter
     teacher_server: str | None = None  # http://host:port of a vLLM server with the teacher (llmkd serve-teacher)
     teacher_topk: int = 20             # teacher_server: top-k log-probs per position (the sparse loss's k)
+    teacher_timeout: float = 30.0      # teacher_server: seconds an attempt may take, plus ...
+    teacher_timeout_per_token: float = 0.01   # ... this per token of the batch (then retries)
 
 
 @dataclass
@@ -307,9 +309,10 @@ def teacher_mode(m: ModelSpec) -> str:
 def _check_model(m: ModelSpec) -> None:
     if m.teacher_mode not in ("live", "offline"):
         raise ValueError(f"config: model.teacher_mode={m.teacher_mode!r}; use 'live' or 'offline'")
-    if m.teacher_mode == "live" and m.teacher is None:
-        raise ValueError("config: model.teacher is missing; set a model dir, 'embedded', or "
-                         "model.teacher_mode=offline with a generated dataset in data.path")
+    if teacher_mode(m) == "live" and m.teacher is None:   # a served teacher needs no local copy
+        raise ValueError("config: model.teacher is missing; set a model dir, 'embedded', "
+                         "model.teacher_server=URL, or model.teacher_mode=offline with a generated "
+                         "dataset in data.path")
     for name in ("teacher_dtype", "student_dtype"):
         if getattr(m, name) not in DTYPES:
             raise ValueError(f"config: model.{name}={getattr(m, name)!r} is unknown; use one of {DTYPES}")

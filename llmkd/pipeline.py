@@ -137,7 +137,8 @@ def build_trainer(cfg: DistillationConfig):
                              "needs the teacher's full logits; use token_kd / distillspec, or a live teacher")
         from llmkd.teacher_server import ServedTeacher
 
-        method.teacher_server = ServedTeacher(m.teacher_server, m.teacher_topk)
+        method.teacher_server = ServedTeacher(m.teacher_server, m.teacher_topk, timeout=m.teacher_timeout,
+                                              timeout_per_token=m.teacher_timeout_per_token)
     if cfg.data.path and is_generated_dir(cfg.data.path) and method.uses_generated_token_ids:
         check_generated_tokenizer(cfg.data.path, student_tok)
     train, evals = build_datasets(cfg, method)

@@ -107,7 +107,7 @@ class TokenKD(Method):
              num_items: torch.Tensor | int | None) -> tuple[torch.Tensor, dict[str, float]]:
         labels = batch["labels"]
         if isinstance(targets, ServedTargets):
-            ids, logprobs = targets.pending.result()
+            ids, logprobs = self.teacher_server.wait(targets.pending)
             targets = TeacherTargets(topk_ids=ids.to(labels.device), topk_logprobs=logprobs.to(labels.device))
         kd = kd_divergence(student, targets, labels, self.params, num_items)
         metrics = {"kd": as_mean(kd, num_items, shifted_mask(labels))}
