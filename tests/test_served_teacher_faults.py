@@ -135,3 +135,16 @@ def test_a_signal_ends_a_run_waiting_on_a_frozen_teacher(frozen, tiny_pair, tmp_
     expect = ("stopped at once by a second SIGINT during step 1" if len(signals) == 2 else
               "interrupted by SIGTERM during step 1 while waiting for the teacher server, without saving")
     assert expect in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("max_length,expect", [(512, 512), (100, 101)])
+def test_serve_teacher_fits_the_models_positions(tiny_pair, tmp_path, capsys, max_length, expect):
+    """The request scores max_length tokens and generates one, but never more than the model has
+    positions (the tiny teacher has 512: vLLM refuses to start with 513)."""
+    from llmkd.serve_cli import main
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"model": {"teacher": tiny_pair[0]},
+                                                       "data": {"max_length": max_length}}))
+    assert main([str(tmp_path / "cfg.yaml"), "--dry-run"]) == 0
+    argv = capsys.readouterr().out.split()
+    assert argv[argv.index("--max-model-len") + 1] == str(expect)
