@@ -138,6 +138,8 @@ def _yaml_error(err: yaml.YAMLError) -> str:
 def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
     """A YAML file (safe_load) whose top level is a mapping; clear errors otherwise."""
     p = Path(path)
+    if p.is_dir():
+        raise FileNotFoundError(f"{what} file {str(p)!r} is a directory; give the YAML file in it")
     if not p.is_file():
         raise FileNotFoundError(f"{what} file {str(p)!r} does not exist")
     try:

@@ -131,11 +131,11 @@ def run_eval(args: argparse.Namespace) -> int:
         if path != "embedded":
             check_model_dir(path)
     if spec.speculative:   # one result per target+draft pair, beside plain evals of the targets
+        if spec.speculative != "embedded":
+            check_model_dir(spec.speculative, "speculative")
         from llmkd.eval.speculative import check_gamma
 
         check_gamma(spec.gamma)
-        if spec.speculative != "embedded":
-            check_model_dir(spec.speculative)
         models = {f"{label}+{Path(spec.speculative).name}": path for label, path in models.items()}
     out = Path(spec.out)
     check_output_dir(out, "out")
