@@ -295,6 +295,13 @@ CASES = {
     "eval-yaml-syntax": Case(("eval config", "line 2, column"), argv=lambda tmp: ["eval", file_text("e.yaml", "models: [a\n")(tmp)]),
     "eval-speculative-draft-missing": Case(("speculative='/no/draft'", "does not exist"),
                                            argv=eval_argv(lambda t: STUDENT[0], "--speculative", "/no/draft")),
+    # llmkd quickstart: every stage's config before the first stage (generation) runs
+    "quickstart-distill-typo": Case(("'method.betta'", "did you mean 'beta'", "quickstart config's distill section"),
+                                    argv=lambda tmp: ["quickstart", "--out", str(tmp / "qs"),
+                                                      "--set", "distill.method.betta=0.1"]),
+    "quickstart-generate-typo": Case(("'generate.top_k'", "did you mean 'topk'"),
+                                     argv=lambda tmp: ["quickstart", "--out", str(tmp / "qs"),
+                                                       "--set", "generate.top_k=5"]),
     # llmkd generate / serve-teacher
     "generate-topk-above-vocab": Case(("topk=100000 is more than the teacher's vocabulary (512 tokens",),
                                       argv=generate_argv(topk=100000), light=False),
@@ -363,3 +370,11 @@ def test_disk_full_while_generating_is_one_line_naming_the_dir(tiny_pair, tmp_pa
     assert "Traceback" not in err
     assert "llmkd generate: error: disk full while writing shard" in err and f"in {tmp_path / 'gen'} (" in err, err
     assert not [p for p in (tmp_path / "gen").rglob("*") if p.is_file()], "the partial shard stayed"
+
+
+def test_the_shipped_quickstart_config_passes_the_early_checks(tmp_path):
+    from llmkd.quickstart import check_stages, load_quickstart_config
+
+    gen = check_stages(load_quickstart_config(None, []), tmp_path / "qs")
+    assert gen.model == "embedded" and gen.output_dir == str(tmp_path / "qs" / "generate")
+    assert not (tmp_path / "qs").exists()
