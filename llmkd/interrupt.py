@@ -5,8 +5,8 @@ with save_strategy=no) and makes `train` raise `TrainingInterrupted`, which the 
 line with the step, the checkpoint and the resume command, and exit code 128 + signal (130 for
 SIGINT, 143 for SIGTERM). A second signal stops at once, without saving. A step waiting on a
 served teacher that does not answer within a few seconds of the first signal stops without saving
-it (`llmkd.teacher_server.abandon_waits`): a frozen server must not outlive a scheduler's grace period. Under several processes
-the ranks agree on the stop at every step end, so they all save and stop at the same step.
+it (`llmkd.teacher_server.abandon_waits`): a frozen server must not outlive a scheduler's grace
+period. Under several processes the ranks agree on the stop at every step end, so they all save and stop at the same step.
 """
 from __future__ import annotations
 

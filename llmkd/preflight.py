@@ -42,7 +42,8 @@ def safetensors_problem(path: Path) -> str | None:
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
                 and offsets[0] <= offsets[1]):
-            return f"{path} has a damaged header (tensor {name!r}: data_offsets={offsets!r}, not two ordered integers)"
+            return (f"{path} has a damaged header (tensor {name!r}: data_offsets={offsets!r}, not two "
+                    "ordered integers)")
         ends.append(offsets[1])
     need = 8 + n + max(ends, default=0)
     if size < need:
@@ -62,7 +63,8 @@ def json_problem(path: Path) -> str | None:
     except UnicodeDecodeError:
         return f"{path} is not UTF-8 text"
     except json.JSONDecodeError as err:
-        return f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}: cut short or edited?)"
+        return (f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}: "
+                "cut short or edited?)")
     return None
 
 

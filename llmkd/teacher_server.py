@@ -12,9 +12,9 @@ keeps the process alive at exit. Each attempt may take `timeout` seconds plus
 `timeout_per_token` per token of the batch (a frozen server fails in seconds, a big batch still
 gets its time); a failing server is retried with exponential backoff, a bounded number of times,
 then a `TeacherServerError` names the URL and what to do. After a SIGINT/SIGTERM, no request is
-retried and training waits on the server only `ABANDON_GRACE` seconds more (`abandon_waits`), so a
-frozen server cannot hold a stopping run past a scheduler's kill deadline. Only the standard library talks HTTP;
-torch is imported where tensors are built.
+retried and training waits on the server only `ABANDON_GRACE` seconds more (`abandon_waits`), so
+a frozen server cannot hold a stopping run past a scheduler's kill deadline. Only the standard
+library talks HTTP; torch is imported where tensors are built.
 """
 from __future__ import annotations
 
