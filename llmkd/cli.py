@@ -14,10 +14,13 @@ import logging
 import os
 import sys
 
+from llmkd.fsutil import DiskFullError
+
 COMMAND_MODULES = ("llmkd.train_cli", "llmkd.generation.cli", "llmkd.eval.cli", "llmkd.serve_cli")
 # One line and exit 2 for these; LLMKD_DEBUG=1 shows their traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
-               ConnectionError)   # e.g. a teacher server gone after its retries
+               ConnectionError,   # e.g. a teacher server gone after its retries
+               DiskFullError)
 STDOUT_LOGGERS = ("DeepSpeed",)   # libraries whose own log handler writes to stdout
 VERBOSE_HELP = "library logs (vLLM, transformers, datasets) at info level (default: warnings only)"
 

@@ -51,6 +51,8 @@ class ModelSpec:
     teacher_topk: int = 20             # teacher_server: top-k log-probs per position (the sparse loss's k)
     teachers: dict | None = None       # several teachers: name -> {teacher | teacher_server | teacher_mode, ...}
     student_from: str | None = None    # with model.teachers: derive the student from this teacher
+    teacher_timeout: float = 30.0      # teacher_server: seconds an attempt may take, plus ...
+    teacher_timeout_per_token: float = 0.01   # ... this per token of the batch (then retries)
 
 
 @dataclass
@@ -157,6 +159,8 @@ def _yaml_error(err: yaml.YAMLError) -> str:
 def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
     """A YAML file (safe_load) whose top level is a mapping; clear errors otherwise."""
     p = Path(path)
+    if p.is_dir():
+        raise FileNotFoundError(f"{what} file {str(p)!r} is a directory; give the YAML file in it")
     if not p.is_file():
         raise FileNotFoundError(f"{what} file {str(p)!r} does not exist")
     try:
@@ -328,9 +332,10 @@ def teacher_mode(m: ModelSpec) -> str:
 def _check_model(m: ModelSpec) -> None:
     if m.teacher_mode not in ("live", "offline"):
         raise ValueError(f"config: model.teacher_mode={m.teacher_mode!r}; use 'live' or 'offline'")
-    if m.teacher_mode == "live" and m.teacher is None and not m.teachers:
-        raise ValueError("config: model.teacher is missing; set a model dir, 'embedded', or "
-                         "model.teacher_mode=offline with a generated dataset in data.path")
+    if teacher_mode(m) == "live" and m.teacher is None and not m.teachers:   # a served teacher needs no local copy
+        raise ValueError("config: model.teacher is missing; set a model dir, 'embedded', "
+                         "model.teacher_server=URL, or model.teacher_mode=offline with a generated "
+                         "dataset in data.path")
     for name in ("teacher_dtype", "student_dtype"):
         if getattr(m, name) not in DTYPES:
             raise ValueError(f"config: model.{name}={getattr(m, name)!r} is unknown; use one of {DTYPES}")

@@ -3,8 +3,10 @@
 The first signal lets the current optimizer step finish, saves a checkpoint at that step (even
 with save_strategy=no) and makes `train` raise `TrainingInterrupted`, which the CLI turns into one
 line with the step, the checkpoint and the resume command, and exit code 128 + signal (130 for
-SIGINT, 143 for SIGTERM). A second signal stops at once, without saving. Under several processes
-the ranks agree on the stop at every step end, so they all save and stop at the same step.
+SIGINT, 143 for SIGTERM). A second signal stops at once, without saving. A step waiting on a
+served teacher that does not answer within a few seconds of the first signal stops without saving
+it (`llmkd.teacher_server.abandon_waits`): a frozen server must not outlive a scheduler's grace
+period. Under several processes the ranks agree on the stop at every step end, so they all save and stop at the same step.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any, Iterator
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from llmkd.checkpoint import find_checkpoint
+from llmkd.teacher_server import TeacherWaitAbandoned, abandon_waits
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -24,11 +27,16 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on a signal; `checkpoint` is the newest complete one (None: there is none)."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str | None, *, at_once: bool = False) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: str | None, *, at_once: bool = False,
+                 waiting: bool = False) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
         if at_once:
             msg = f"stopped at once by a second {name} during step {step + 1}, without saving"
+        elif waiting:
+            msg = (f"interrupted by {name} during step {step + 1} while waiting for the teacher server, "
+                   "without saving that step; " + (f"newest checkpoint: {checkpoint}" if checkpoint
+                                                   else "no checkpoint was saved"))
         else:
             msg = f"interrupted by {name} at step {step}; " + (
                 f"checkpoint: {checkpoint}" if checkpoint else "no checkpoint was saved")
@@ -63,6 +71,7 @@ class StopOnSignal(TrainerCallback):
             self.restore()
             raise TrainingInterrupted(signum, self.step, None, at_once=True)
         self.signum = signum
+        abandon_waits()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> TrainerControl:
@@ -96,8 +105,13 @@ def stop_on_signal(trainer: Trainer) -> Iterator[StopOnSignal]:
     callback.install()
     try:
         yield callback
+    except TeacherWaitAbandoned:
+        found, _ = find_checkpoint(trainer.args.output_dir)
+        raise TrainingInterrupted(callback.signum or signal.SIGINT, trainer.state.global_step,
+                                  str(found) if found else None, waiting=True) from None
     finally:
         callback.restore()
+        abandon_waits(False)
         trainer.remove_callback(callback)
     if callback.signum is not None:
         step = trainer.state.global_step

@@ -260,7 +260,8 @@ def _load_teacher(name: str, spec: TeacherSpec) -> Teacher:
         from llmkd.teacher_server import ServedTeacher
         from llmkd.teachers.served import Served
 
-        return Served(ServedTeacher(spec.teacher_server, spec.teacher_topk), name=name)
+        return Served(ServedTeacher(spec.teacher_server, spec.teacher_topk, timeout=spec.teacher_timeout,
+                                   timeout_per_token=spec.teacher_timeout_per_token), name=name)
     if spec.kind == "offline":
         from llmkd.teachers.offline import Offline
 

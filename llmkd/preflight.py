@@ -32,11 +32,39 @@ def safetensors_problem(path: Path) -> str | None:
         return f"{path} cannot be read ({err.strerror})"
     except (ValueError, UnicodeDecodeError):
         return f"{path} is not a safetensors file (its header is not JSON)"
-    ends = [v["data_offsets"][1] for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    if not isinstance(header, dict):
+        return f"{path} is not a safetensors file (its header is a JSON {type(header).__name__}, not an object)"
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            return (f"{path} has a damaged header (tensor {name!r}: data_offsets={offsets!r}, not two "
+                    "ordered integers)")
+        ends.append(offsets[1])
     need = 8 + n + max(ends, default=0)
     if size < need:
         return f"{path} is truncated ({size} bytes; its header needs {need})"
+    return None
+
+
+def json_problem(path: Path) -> str | None:
+    """None if `path` is absent or holds valid JSON; else where it breaks (a copy cut short
+    leaves e.g. tokenizer.json ending mid-string, which tokenizers reports without a file name)."""
+    if not path.exists():
+        return None
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror})"
+    except UnicodeDecodeError:
+        return f"{path} is not UTF-8 text"
+    except json.JSONDecodeError as err:
+        return (f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}: "
+                "cut short or edited?)")
     return None
 
 
@@ -119,6 +147,10 @@ def check_model_dir(path: str | Path, field: str = "model") -> str:
     if not (d / "config.json").exists():
         raise FileNotFoundError(f"{where}: {str(d)!r} is not a model directory (no config.json); give "
                                 "a dir written by save_pretrained, or embedded")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        problem = json_problem(d / name)
+        if problem:
+            raise ValueError(f"{where}: {problem}; copy or save the model again")
     problem = weights_problem(d)
     if problem:
         raise ValueError(f"{where}: {problem}; copy or save the model again")

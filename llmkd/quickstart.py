@@ -19,12 +19,53 @@ from llmkd.config import apply_overrides, check_keys, read_yaml_mapping
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 DRAFT_GAMMA = 4   # draft length for the analytic block efficiency (student as a speculative draft)
 KEYS = ["recipe", "num_train_prompts", "num_eval_prompts", "generate", "distill", "eval"]
+EVAL_KEYS = ["backend", "max_new_tokens"]
 
 
 def load_quickstart_config(path: str | Path | None, overrides: list[str]) -> dict[str, Any]:
     raw = apply_overrides(read_yaml_mapping(path or DEFAULT_CONFIG, "quickstart config"), overrides)
     check_keys("", raw, KEYS)
     return raw
+
+
+def _distill_dict(q: dict[str, Any], out: Path, data: dict[str, Any]) -> dict[str, Any]:
+    dcfg = copy.deepcopy(q.get("distill") or {})
+    if not isinstance(dcfg, dict):
+        raise ValueError(f"quickstart config: distill={dcfg!r} must be a mapping of llmkd distill fields")
+    # allow_fewer: prompts the teacher could not answer within max_model_len are skipped
+    dcfg.setdefault("data", {}).update(num_train=int(q["num_train_prompts"]),
+                                       num_eval=int(q["num_eval_prompts"]), allow_fewer=True, **data)
+    dcfg.update(output_dir=str(out / "student"), overwrite_output_dir=True, report_to="none")
+    return dcfg
+
+
+def check_stages(q: dict[str, Any], out: Path) -> Any:
+    """Every stage's config, validated before the first stage runs: a typo under distill.* must
+    not wait for the teacher's generation. Returns the generation config (model: embedded)."""
+    from dataclasses import fields
+
+    from llmkd.config import config_from_dict
+    from llmkd.generation.run import GenerationConfig
+    from llmkd.validation import coerce
+
+    gen_raw = q.get("generate") or {}
+    if not isinstance(gen_raw, dict):
+        raise ValueError(f"quickstart config: generate={gen_raw!r} must be a mapping of llmkd generate fields")
+    fixed = {"model": "embedded", "recipe": q["recipe"], "num_prompts": int(q["num_train_prompts"])
+             + int(q["num_eval_prompts"]), "offset": 0, "mode": "response", "keep_incorrect": True,
+             "output_dir": str(out / "generate")}
+    raw = {**gen_raw, **fixed}
+    check_keys("generate.", raw, [f.name for f in fields(GenerationConfig)])
+    try:
+        gen = GenerationConfig(**coerce("generate.", raw, GenerationConfig))
+    except ValueError as err:
+        raise ValueError(f"{err} (in the quickstart config's generate section)") from None
+    try:   # the data is generated later: check the rest with the recipe in its place
+        config_from_dict(_distill_dict(q, out, {"path": None, "recipe": q["recipe"]}))
+    except ValueError as err:
+        raise ValueError(f"{err} (in the quickstart config's distill section)") from None
+    check_keys("eval.", q.get("eval") or {}, EVAL_KEYS)
+    return gen
 
 
 def _stage(name: str, timings: dict[str, float], start: float) -> float:
@@ -35,17 +76,21 @@ def _stage(name: str, timings: dict[str, float], start: float) -> float:
 
 
 def run_quickstart(config: str | Path | None, out: str | Path, overrides: list[str]) -> dict[str, Any]:
+    q = load_quickstart_config(config, overrides)
+    out = Path(out)
+    gen = check_stages(q, out)
+
+    from dataclasses import replace
+
     from llmkd.config import config_from_dict
     from llmkd.eval.closeness import teacher_closeness
     from llmkd.eval.reasoning import evaluate_reasoning
     from llmkd.eval.speculative import block_efficiency
     from llmkd.eval.report import write_report
-    from llmkd.generation.run import GenerationConfig, run_generation
+    from llmkd.generation.run import run_generation
     from llmkd.models.embedded import embedded_teacher_dir
     from llmkd.pipeline import build_trainer
 
-    q = load_quickstart_config(config, overrides)
-    out = Path(out)
     n_train, n_eval = int(q["num_train_prompts"]), int(q["num_eval_prompts"])
     timings: dict[str, float] = {}
     t0 = t = time.perf_counter()
@@ -54,18 +99,11 @@ def run_quickstart(config: str | Path | None, out: str | Path, overrides: list[s
     t = _stage("prepare teacher", timings, t)
 
     # Teacher responses for train + held-out prompts in one engine run (rows keep prompt order).
-    gen = GenerationConfig(**{**q.get("generate", {}), "model": str(teacher_dir), "recipe": q["recipe"],
-                              "num_prompts": n_train + n_eval, "offset": 0, "mode": "response",
-                              "keep_incorrect": True, "output_dir": str(out / "generate")})
+    gen = replace(gen, model=str(teacher_dir))
     run_generation(gen)
     t = _stage("generate", timings, t)
 
-    dcfg = copy.deepcopy(q["distill"])
-    # allow_fewer: prompts the teacher could not answer within max_model_len are skipped
-    dcfg.setdefault("data", {}).update(path=str(out / "generate"), num_train=n_train, num_eval=n_eval,
-                                       allow_fewer=True)
-    dcfg.update(output_dir=str(out / "student"), overwrite_output_dir=True, report_to="none")
-    trainer = build_trainer(config_from_dict(dcfg))
+    trainer = build_trainer(config_from_dict(_distill_dict(q, out, {"path": str(out / "generate")})))
     trainer.model.save_pretrained(out / "student-before")
     trainer.processing_class.save_pretrained(out / "student-before")
     closeness = {"student-before": teacher_closeness(trainer.model, trainer.teacher, trainer.eval_dataset,

@@ -5,7 +5,7 @@ The server is started as `python -m vllm.entrypoints.openai.api_server` (vllm-cp
 console script) in place of this process, so a scheduler's signals reach it directly. It binds to
 the host and port of `model.teacher_server` (a hostname binds to that machine's address) unless
 --host / --port say otherwise, allows `model.teacher_topk` log-probs per position, and fits
-sequences of `data.max_length` tokens. On CPU it runs eager with an explicit KV-cache size (it
+sequences of `data.max_length` tokens (+ the one generated), or as many as the model has positions. On CPU it runs eager with an explicit KV-cache size (it
 refuses to start otherwise); on GPUs it takes --gpu-memory-utilization and --tensor-parallel-size.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import socket
 import sys
 import urllib.parse
 from pathlib import Path
@@ -61,10 +62,13 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str],
     host = args.host or parts.hostname
     port = args.port or parts.port or DEFAULT_PORT
     model_dir = _model_dir(model.teacher)
+    config = _model_config(model_dir)
+    positions = getattr(config, "max_position_embeddings", None)
+    max_len = min(data.max_length + 1, positions or data.max_length + 1)   # the request generates one
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
             "--host", host, "--port", str(port), "--dtype", model.teacher_dtype,
             "--max-logprobs", str(max(model.teacher_topk, 20)),
-            "--max-model-len", str(data.max_length + 1),       # the request generates one token
+            "--max-model-len", str(max_len),
             "--generation-config", "vllm", "--disable-uvicorn-access-log"]
     env = dict(os.environ)
     env.setdefault("VLLM_CACHE_ROOT", str(Path("~/.cache/llmkd/vllm").expanduser()))
@@ -72,7 +76,7 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str],
         argv += ["--gpu-memory-utilization", str(args.gpu_memory_utilization),
                  "--tensor-parallel-size", str(args.tensor_parallel_size)]
     else:
-        kv = args.kv_cache_bytes or _cpu_kv_bytes(model_dir, model.teacher_dtype, data.max_length + 1)
+        kv = args.kv_cache_bytes or _cpu_kv_bytes(config, model.teacher_dtype, max_len)
         argv += ["--enforce-eager", "--kv-cache-memory-bytes", str(kv)]
         if args.tensor_parallel_size != 1:
             argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
@@ -86,6 +90,7 @@ def cmd_serve_teacher(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(command)
         return 0
+    _check_port_free(argv[argv.index("--host") + 1], int(argv[argv.index("--port") + 1]))
     print(f"[llmkd] serving the teacher for model.teacher_server={url}\n+ {command}", file=sys.stderr,
           flush=True)
     os.execve(argv[0], argv, env)     # the server replaces this process: signals reach it
@@ -105,12 +110,25 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _cpu_kv_bytes(model_dir: str, dtype: str, max_len: int) -> int:
+def _check_port_free(host: str, port: int) -> None:
+    """vLLM finds a busy port only after loading the model (a traceback, minutes later)."""
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as err:
+        raise ValueError(f"cannot listen on {host}:{port} ({err.strerror or err}); another "
+                         "process holds the port: stop it, or choose another with --port and set "
+                         "model.teacher_server to match") from None
+
+
+def _model_config(model_dir: str) -> Any:
     from transformers import AutoConfig
 
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def _cpu_kv_bytes(config: Any, dtype: str, max_len: int) -> int:
     from llmkd.generation.vllm_sampler import kv_bytes_per_token
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     return max(CPU_KV_CACHE_MIN_BYTES, 4 * max_len * kv_bytes_per_token(config, dtype))
 
 

@@ -6,21 +6,29 @@ teacher's top-k log-probs at every position, which it lays on the label position
 offline top-k columns of `llmkd generate` (`DistillCollator`): the sparse top-k + tail loss then
 runs for any divergence, on dataset and on sampled (on-policy) responses alike.
 
-Requests carry several sequences each and run on a thread pool, so they overlap each other and
-the student's forward (`submit` returns at once). A failing server is retried with exponential
-backoff, a bounded number of times, then a `TeacherServerError` names the URL and what to do.
-Only the standard library talks HTTP; torch is imported where tensors are built.
+Requests carry several sequences each and run on daemon threads, so they overlap each other and
+the student's forward (`submit` returns at once) and a request stuck on a frozen server never
+keeps the process alive at exit. Each attempt may take `timeout` seconds plus
+`timeout_per_token` per token of the batch (a frozen server fails in seconds, a big batch still
+gets its time); a failing server is retried with exponential backoff, a bounded number of times,
+then a `TeacherServerError` names the URL and what to do. After a SIGINT/SIGTERM, no request is
+retried and training waits on the server only `ABANDON_GRACE` seconds more (`abandon_waits`), so
+a frozen server cannot hold a stopping run past a scheduler's kill deadline. Only the standard
+library talks HTTP; torch is imported where tensors are built.
 """
 from __future__ import annotations
 
 import json
 import math
+import queue
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +41,24 @@ class TeacherServerError(ConnectionError):
     """The teacher server cannot be reached or refused a request."""
 
 
+class TeacherWaitAbandoned(KeyboardInterrupt):
+    """A stop signal came while training waited on the teacher server."""
+
+
+ABANDON_GRACE = 5.0        # seconds a stopping run still waits for an answer (the step then saves)
+_abandoned_at: list[float] = []
+
+
+def abandon_waits(on: bool = True) -> None:
+    """Called from a signal handler (on=True): no request is retried, and waits on a server give
+    up `ABANDON_GRACE` seconds later with `TeacherWaitAbandoned`. on=False re-arms."""
+    _abandoned_at[:] = [time.monotonic()] if on else []
+
+
+def _abandoned(grace: float = 0.0) -> bool:
+    return bool(_abandoned_at) and time.monotonic() - _abandoned_at[0] >= grace
+
+
 def check_teacher_server(url: str, topk: int) -> None:
     """Config-time checks (no network): an http(s) URL with a host, and k >= 1."""
     parts = urllib.parse.urlsplit(url)
@@ -43,35 +69,99 @@ def check_teacher_server(url: str, topk: int) -> None:
         raise ValueError(f"config: model.teacher_topk={topk!r} must be an integer >= 1 (e.g. 20)")
 
 
+def server_root(url: str) -> str:
+    """The server's root: vLLM's OpenAI routes live under /v1, so a URL ending in /v1 (as an
+    OpenAI client wants it) means its parent."""
+    url = url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+def _check_seconds(name: str, value: Any, positive: bool) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"config: model.{name}={value!r} must be a finite number of seconds "
+                         f"{'> 0' if positive else '>= 0'}")
+
+
+class _DaemonPool:
+    """`submit` like ThreadPoolExecutor's, on daemon threads: ThreadPoolExecutor joins its
+    threads at exit, so a request stuck on a frozen server would keep a stopped run alive."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers = workers
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:   # noqa: BLE001 - handed to the caller's result()
+                future.set_exception(err)
+
+    def shutdown(self) -> None:
+        """Cancel what has not started; idle threads end (running ones end with their request)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in range(self._workers):
+            self._queue.put(None)
+
+
 class ServedTeacher:
     """Client of one teacher server. `topk` log-probs per position (> 20 needs the server's
-    `--max-logprobs` >= k, which `llmkd serve-teacher` sets); `retries` attempts after the first,
-    waiting `backoff`, 2x`backoff`, 4x`backoff`, ... seconds."""
+    `--max-logprobs` >= k, which `llmkd serve-teacher` sets); each attempt may take `timeout` +
+    `timeout_per_token` x the batch's tokens seconds (all of a batch's requests share the server);
+    `retries` attempts after the first, waiting `backoff`, 2x`backoff`, 4x`backoff`, ... seconds."""
 
-    def __init__(self, url: str, topk: int = 20, *, timeout: float = 300.0, retries: int = 5,
-                 backoff: float = 1.0, concurrency: int = 4, sequences_per_request: int = 8) -> None:
+    def __init__(self, url: str, topk: int = 20, *, timeout: float = 30.0, timeout_per_token: float = 0.01,
+                 retries: int = 5, backoff: float = 1.0, concurrency: int = 4,
+                 sequences_per_request: int = 8) -> None:
         check_teacher_server(url, topk)
-        self.url = url.rstrip("/")
+        _check_seconds("teacher_timeout", timeout, positive=True)
+        _check_seconds("teacher_timeout_per_token", timeout_per_token, positive=False)
+        self.url = server_root(url)
         self.topk = topk
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.timeout, self.timeout_per_token = float(timeout), float(timeout_per_token)
+        self.retries, self.backoff = retries, backoff
         self.sequences_per_request = sequences_per_request
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="llmkd-teacher")
+        self._pool = _DaemonPool(concurrency, "llmkd-teacher")
         self._model: dict[str, Any] | None = None
 
     # -- HTTP ---------------------------------------------------------------------------------
-    def _request(self, path: str, payload: dict | None = None) -> dict:
+    def _request(self, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
         """GET (payload None) or POST JSON, with bounded retries on connection errors, timeouts
-        and 5xx / 429; other HTTP errors fail at once with the server's message."""
+        (`timeout` seconds of silence, default `self.timeout`) and 5xx / 429; other HTTP errors
+        fail at once with the server's message."""
         data = None if payload is None else json.dumps(payload).encode()
+        timeout = self.timeout if timeout is None else timeout
         last: BaseException | None = None
         started = time.monotonic()
+        attempts = 0
         for attempt in range(self.retries + 1):
+            if attempt and _abandoned():
+                raise TeacherWaitAbandoned(f"a stop signal came while the teacher server {self.url} "
+                                           f"was failing (last error: {last})")
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             req = urllib.request.Request(self.url + path, data=data,
                                          headers={"Content-Type": "application/json"})
+            attempts += 1
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as err:
                 body = err.read().decode(errors="replace")[:500]
@@ -84,10 +174,14 @@ class ServedTeacher:
                 last = err
             except (urllib.error.URLError, OSError, TimeoutError) as err:   # refused, reset, timeout
                 last = err
+        slow = isinstance(last, TimeoutError) or "timed out" in str(last)
         raise TeacherServerError(
-            f"teacher server {self.url} did not answer {path} after {self.retries + 1} attempts over "
-            f"{time.monotonic() - started:.0f} s (last error: {last}); check that it is running and "
-            "reachable (llmkd serve-teacher CONFIG starts one)") from last
+            f"teacher server {self.url} did not answer {path} after {attempts} attempts over "
+            f"{time.monotonic() - started:.0f} s (last error: {last})"
+            + (f"; each attempt waited {timeout:.1f} s (model.teacher_timeout + "
+               "model.teacher_timeout_per_token x the batch's tokens: raise them for a slow server)"
+               if slow else "")
+            + "; check that it is running and reachable (llmkd serve-teacher CONFIG starts one)") from last
 
     def model_info(self) -> dict[str, Any]:
         """The served model's id and max_model_len (`/v1/models`, asked once)."""
@@ -125,7 +219,8 @@ class ServedTeacher:
                              f"max_model_len={limit} (one more token is generated); restart it with "
                              "a larger --max-model-len or lower data.max_length")
         step = self.sequences_per_request
-        parts = [self._pool.submit(self._topk_rows, seqs[i:i + step], positions[i:i + step])
+        timeout = self.timeout + self.timeout_per_token * sum(lengths)
+        parts = [self._pool.submit(self._topk_rows, seqs[i:i + step], positions[i:i + step], timeout)
                  for i in range(0, len(seqs), step)]
         out: Future = Future()
         shape = tuple(input_ids.shape)
@@ -143,12 +238,20 @@ class ServedTeacher:
             p.add_done_callback(assemble)
         return out
 
-    def _topk_rows(self, seqs: list[list[int]], positions: list[list[int]]
+    def wait(self, pending: Future) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pending.result()`, given up (`TeacherWaitAbandoned`) once a stop signal is
+        `ABANDON_GRACE` seconds old."""
+        while not wait_futures([pending], timeout=0.1).done:
+            if _abandoned(ABANDON_GRACE):
+                raise TeacherWaitAbandoned(f"a stop signal came while waiting for the teacher server {self.url}")
+        return pending.result()
+
+    def _topk_rows(self, seqs: list[list[int]], positions: list[list[int]], timeout: float
                    ) -> list[list[tuple[list[int], list[float]]]]:
         """One request for a few sequences: per sequence, (ids, log-probs) at each wanted position."""
         reply = self._request("/v1/completions", {
             "model": self.model_info()["id"], "prompt": seqs, "max_tokens": 1, "temperature": 0.0,
-            "prompt_logprobs": self.topk})
+            "prompt_logprobs": self.topk}, timeout)
         choices = sorted(reply["choices"], key=lambda c: c["index"])
         if len(choices) != len(seqs):
             raise TeacherServerError(f"teacher server {self.url} answered {len(choices)} of "
@@ -182,4 +285,4 @@ class ServedTeacher:
         return ids, logprobs
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -235,11 +236,50 @@ def zero_bytes(tmp: Path) -> None:
     shard.write_bytes(data)
 
 
+def safetensors_header(header: object) -> Callable[[Path], None]:
+    """model.safetensors rewritten with this JSON header and 4 data bytes."""
+    def change(d: Path) -> None:
+        raw = json.dumps(header).encode()
+        (d / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 4)
+    return change
+
+
+def cut_in_half(name: str) -> Callable[[Path], None]:
+    def change(d: Path) -> None:
+        text = (d / name).read_text()
+        (d / name).write_text(text[: len(text) // 2])
+    return change
+
+
+def generate_argv(**over) -> Callable[[Path], list[str]]:
+    """`llmkd generate` with the tiny teacher on the hf backend, plus `over`."""
+    def make(tmp: Path) -> list[str]:
+        cfg = {"model": TEACHER[0], "backend": "hf", "recipe": "arithmetic", "num_prompts": 2,
+               "max_new_tokens": 4, "max_model_len": 256, "topk": 5, "output_dir": str(tmp / "gen"), **over}
+        (tmp / "gen.yaml").write_text(yaml.safe_dump(cfg))
+        return ["generate", str(tmp / "gen.yaml")]
+    return make
+
+
+PORTS: list[socket.socket] = []   # ports held busy while a case runs
+
+
+def serve_on_a_busy_port(tmp: Path) -> list[str]:
+    held = socket.create_server(("127.0.0.1", 0))
+    PORTS.append(held)
+    url = f"http://127.0.0.1:{held.getsockname()[1]}"
+    (tmp / "serve.yaml").write_text(yaml.safe_dump({"model": {"teacher": TEACHER[0], "teacher_server": url}}))
+    return ["serve-teacher", str(tmp / "serve.yaml")]
+
+
 STUDENT: list[str] = []   # the tiny student dir, for argv builders (set by the fixture)
+TEACHER: list[str] = []   # the tiny teacher dir
 
 CASES = {
     # the file and the command line
     "config-missing": Case(("config file", "nope.yaml", "does not exist"), argv=lambda tmp: ["distill", "nope.yaml"]),
+    "config-is-a-directory": Case(("config file", "is a directory", "give the YAML file in it"),
+                                  argv=lambda tmp: ["distill", str(tmp)]),
     "yaml-syntax": Case(("raw.yaml", "line 3, column 5", "fix the YAML"),
                         argv=raw_config("max_steps: 3\nmodel: {teacher: x\ndata: 1\n")),
     "yaml-not-mapping": Case(("top level must be a mapping", "found list"), argv=raw_config("- a\n- b\n")),
@@ -271,6 +311,15 @@ CASES = {
                               broken_student(lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"))),
     "vocab-smaller-than-tokenizer": Case(("model.student=", "token ids up to 511", "vocab_size=300"),
                                          broken_student(shrink_vocab)),
+    "safetensors-header-list": Case(("model.student=", "model.safetensors is not a safetensors file",
+                                     "a JSON list"), broken_student(safetensors_header([1, 2]))),
+    "safetensors-offsets-not-integers": Case(("model.student=", "damaged header", "tensor 'w'", "['0', 4]"),
+                                             broken_student(safetensors_header(
+                                                 {"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", 4]}}))),
+    "config-json-not-json": Case(("model.student=", "config.json is not valid JSON", "line 1"),
+                                 broken_student(lambda d: (d / "config.json").write_text("{vocab_size: 5"))),
+    "tokenizer-json-truncated": Case(("model.student=", "tokenizer.json is not valid JSON", "cut short"),
+                                     broken_student(cut_in_half("tokenizer.json"))),
     "no-tokenizer": Case(("model.student=", "has no tokenizer files"), broken_student(drop_tokenizer)),
     "lora-adapter-dir": Case(("model.student=", "holds a LoRA adapter", "merge_and_unload"),
                              broken_student(lambda d: ((d / "config.json").unlink(),
@@ -293,6 +342,8 @@ CASES = {
     "recipe-typo": Case(("data.recipe='arithmetc'", "Did you mean 'arithmetic'"), edit(**{"data.recipe": "arithmetc"})),
     "num-train-type": Case(("data.num_train='many' has type str",), edit(**{"data.num_train": "many"})),
     "num-train-0": Case(("data.num_train=0 must be >= 1",), edit(**{"data.num_train": 0})),
+    "data-file-empty": Case(("data file", "data.jsonl' is empty"), edit(**{"data.path": file_text("data.jsonl", "")}),
+                            light=False),
     "data-path-missing": Case(("data.path='/no/data.jsonl' does not exist",), edit(**{"data.path": "/no/data.jsonl"})),
     # method section
     "method-not-mapping": Case(("method must be a mapping",), edit(method="token_kd")),
@@ -388,6 +439,22 @@ CASES = {
     "eval-vocab-smaller-than-tokenizer": Case(("model=", "vocab_size=300"), argv=eval_argv(eval_model(shrink_vocab))),
     "eval-truncated-weights": Case(("model=", "is truncated"), argv=eval_argv(eval_model(truncate))),
     "eval-yaml-syntax": Case(("eval config", "line 2, column"), argv=lambda tmp: ["eval", file_text("e.yaml", "models: [a\n")(tmp)]),
+    "eval-speculative-draft-missing": Case(("speculative='/no/draft'", "does not exist"),
+                                           argv=eval_argv(lambda t: STUDENT[0], "--speculative", "/no/draft")),
+    # llmkd quickstart: every stage's config before the first stage (generation) runs
+    "quickstart-distill-typo": Case(("'method.betta'", "did you mean 'beta'", "quickstart config's distill section"),
+                                    argv=lambda tmp: ["quickstart", "--out", str(tmp / "qs"),
+                                                      "--set", "distill.method.betta=0.1"]),
+    "quickstart-generate-typo": Case(("'generate.top_k'", "did you mean 'topk'"),
+                                     argv=lambda tmp: ["quickstart", "--out", str(tmp / "qs"),
+                                                       "--set", "generate.top_k=5"]),
+    # llmkd generate / serve-teacher
+    "generate-topk-above-vocab": Case(("topk=100000 is more than the teacher's vocabulary (512 tokens",),
+                                      argv=generate_argv(topk=100000), light=False),
+    "generate-unknown-engine-option": Case(("'engine.batch_sise'", "did you mean 'batch_size'"),
+                                           argv=generate_argv(engine={"batch_sise": 4}), light=False),
+    "serve-teacher-port-in-use": Case(("cannot listen on 127.0.0.1:", "--port"), argv=serve_on_a_busy_port,
+                                      light=False),
     "eval-out-under-a-file": Case(("out=", "is a regular file"),
                                   argv=lambda tmp: eval_argv(lambda t: STUDENT[0])(tmp)[:-2]
                                   + ["--out", file_text("notes.txt", "x")(tmp) + "/eval"]),
@@ -401,7 +468,7 @@ def snapshot(root: Path) -> dict[str, float]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_one_line_exit_2_nothing_written(name, tiny_pair, tmp_path):
     case = CASES[name]
-    STUDENT[:] = [tiny_pair[1]]
+    STUDENT[:], TEACHER[:] = [tiny_pair[1]], [tiny_pair[0]]
     work = tmp_path / "work"
     work.mkdir()
     cfg = {"output_dir": str(work / "out"), "use_cpu": True, "max_steps": 1, "save_strategy": "no",
@@ -422,8 +489,12 @@ def test_bad_input_one_line_exit_2_nothing_written(name, tiny_pair, tmp_path):
 
 def run_case(case: Case, argv: list[str], work: Path, tmp_path: Path, before: dict[str, float]) -> None:
     report = tmp_path / "imported.txt"
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(report), *argv], cwd=work, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        proc = subprocess.run([sys.executable, "-c", RUNNER, str(report), *argv], cwd=work, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        while PORTS:
+            PORTS.pop().close()
     err = proc.stderr
     assert "Traceback" not in err and proc.returncode == 2, err
     errors = [line for line in err.splitlines() if line.startswith(f"llmkd {argv[0]}: error: ")]
@@ -434,3 +505,30 @@ def run_case(case: Case, argv: list[str], work: Path, tmp_path: Path, before: di
     if case.light:   # nothing but our one line, and no model library imported
         assert err.strip() == errors[0], err
         assert report.read_text() == "", report.read_text()
+
+
+def test_disk_full_while_generating_is_one_line_naming_the_dir(tiny_pair, tmp_path, monkeypatch, capsys):
+    """A writer that fails like a full disk (pyarrow raises a bare OSError saying so)."""
+    import llmkd.generation.writer as writer
+    from llmkd.cli import main
+
+    def full(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1")          # a partial temp file, which must not stay
+        raise OSError("[Errno 28] Error writing bytes to file. Detail: No space left on device")
+
+    monkeypatch.setattr(writer.pq, "write_table", full)
+    STUDENT[:], TEACHER[:] = [tiny_pair[1]], [tiny_pair[0]]
+    argv = generate_argv()(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "llmkd generate: error: disk full while writing shard" in err and f"in {tmp_path / 'gen'} (" in err, err
+    assert not [p for p in (tmp_path / "gen").rglob("*") if p.is_file()], "the partial shard stayed"
+
+
+def test_the_shipped_quickstart_config_passes_the_early_checks(tmp_path):
+    from llmkd.quickstart import check_stages, load_quickstart_config
+
+    gen = check_stages(load_quickstart_config(None, []), tmp_path / "qs")
+    assert gen.model == "embedded" and gen.output_dir == str(tmp_path / "qs" / "generate")
+    assert not (tmp_path / "qs").exists()

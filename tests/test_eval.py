@@ -171,3 +171,21 @@ def test_cli_eval_config_then_report(cli, tiny_pair: tuple[str, str], tmp_path: 
     _assert_png(tmp_path / "ev" / "report" / "accuracy.png")
     rc, out = cli("report", tmp_path / "ev", tmp_path)
     assert rc == 2 and "--out" in out
+
+
+def test_cli_two_models_with_one_dir_name_are_both_evaluated(cli, tiny_pair, tmp_path: Path) -> None:
+    """Labels default to the dir name, lengthened until they differ: a/model and b/model."""
+    import shutil
+
+    for parent in ("a", "b"):
+        shutil.copytree(tiny_pair[1], tmp_path / parent / "model")
+    rc, out = cli("eval", "--model", tmp_path / "a" / "model", "--model", tmp_path / "b" / "model",
+                  "--recipes", "arithmetic", "--backend", "hf", "--num-examples", "2",
+                  "--max-new-tokens", "2", "--out", tmp_path / "ev")
+    assert rc == 0, out
+    for label in ("a/model", "b/model"):
+        m = json.loads((tmp_path / "ev" / label / "arithmetic" / "metrics.json").read_text())
+        assert m["label"] == label and m["model"].endswith(label)
+    rc, out = cli("eval", "--model", tmp_path / "a" / "model", "--model", f"{tmp_path}/a/./model",
+                  "--recipes", "arithmetic", "--out", tmp_path / "ev2")
+    assert rc == 2 and "is given twice" in out, out

@@ -250,6 +250,26 @@ def test_a_served_and_a_live_teacher_in_one_run(server, teacher_dir, tmp_path):
     assert logged["on_policy"] == 1.0 and {"kd_served", "kd_live", "rows_served", "rows_live"} <= set(logged)
 
 
+def test_the_readmes_served_config_runs_through_the_cli(server, teacher_dir, tmp_path):
+    """`model: {student: DIR, teacher_server: URL}` and no model.teacher: the server is the
+    teacher (its tokenizer is checked against the student's); the URL may end in /v1."""
+    import yaml
+
+    url, _ = server
+    student = _tiny_student(teacher_dir, tmp_path / "student")
+    cfg = {"output_dir": str(tmp_path / "run"), "max_steps": 2, "per_device_train_batch_size": 2,
+           "use_cpu": True, "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
+           "model": {"student": str(student), "teacher_server": url + "/v1", "teacher_topk": K},
+           "data": {"recipe": "arithmetic", "num_train": 4, "num_eval": 2, "max_length": 256},
+           "method": {"name": "token_kd", "kind": "jsd", "beta": 0.5}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "llmkd.cli", "distill", str(tmp_path / "cfg.yaml")], cwd=REPO,
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert "eval_loss" in proc.stdout
+
+
 def test_server_killed_mid_run_retries_then_fails_clearly_keeping_the_checkpoint(server, teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM, TrainerCallback
 

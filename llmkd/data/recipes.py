@@ -181,6 +181,10 @@ def _load_local(path: str, split: str) -> Dataset:
     fmt = LOCAL_FORMATS.get(files[0].suffix)
     if fmt is None:
         raise ValueError(f"data file {str(p)!r}: unsupported suffix; use one of {sorted(LOCAL_FORMATS)}")
+    empty = [f for f in files if f.stat().st_size < 4096 and not f.read_bytes().strip()]
+    if empty:
+        raise ValueError(f"data file {str(empty[0])!r} is empty; give it one example per row (jsonl: one "
+                         "JSON object per line)")
     return load_dataset(fmt, data_files=[str(f) for f in files], split="train")
 
 

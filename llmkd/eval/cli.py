@@ -46,14 +46,15 @@ class EvalSpec:
     gamma: int = 4                   # draft tokens per target call, with `speculative`
 
     def model_dirs(self) -> dict[str, str]:
-        """{label: dir}; a label defaults to the directory name."""
+        """{label: dir}; a label defaults to the directory name, or as many trailing path parts
+        as tell the dirs apart (runs/a/model, runs/b/model -> a/model, b/model)."""
         given = self.models if self.models is not None else ([self.model] if self.model else [])
         if isinstance(given, str):
             given = [given]
         if isinstance(given, dict):
             pairs = {str(k): str(v) for k, v in given.items()}
         elif isinstance(given, list):
-            pairs = {Path(str(m)).name or str(m): str(m) for m in given}
+            pairs = dict(zip(unique_labels([str(m) for m in given]), [str(m) for m in given]))
         else:
             raise ValueError(f"eval: models={given!r}; give a mapping label: dir or a list of dirs")
         if not pairs:
@@ -66,6 +67,21 @@ class EvalSpec:
         if not names:
             raise ValueError("eval: no recipe given; pass --recipes a,b or set `recipes` in the YAML")
         return names
+
+
+def unique_labels(paths: list[str]) -> list[str]:
+    """The shortest trailing parts of each resolved path that no other path shares."""
+    parts = [("embedded",) if p == "embedded" else Path(p).expanduser().resolve().parts for p in paths]
+    for i, (p, mine) in enumerate(zip(paths, parts)):
+        if mine in parts[:i]:
+            raise ValueError(f"eval: model {p!r} is given twice; give each model once")
+    labels = []
+    for mine in parts:
+        n = 1
+        while n < len(mine) and any(other[-n:] == mine[-n:] for other in parts if other is not mine):
+            n += 1
+        labels.append("/".join(mine[-n:]).lstrip("/") or "/")
+    return labels
 
 
 def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
@@ -115,11 +131,11 @@ def run_eval(args: argparse.Namespace) -> int:
         if path != "embedded":
             check_model_dir(path)
     if spec.speculative:   # one result per target+draft pair, beside plain evals of the targets
+        if spec.speculative != "embedded":
+            check_model_dir(spec.speculative, "speculative")
         from llmkd.eval.speculative import check_gamma
 
         check_gamma(spec.gamma)
-        if spec.speculative != "embedded":
-            check_model_dir(spec.speculative)
         models = {f"{label}+{Path(spec.speculative).name}": path for label, path in models.items()}
     out = Path(spec.out)
     check_output_dir(out, "out")

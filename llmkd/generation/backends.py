@@ -71,12 +71,12 @@ def prompt_seed(seed: int, prompt: list[int]) -> int:
     return (seed * 1_000_003 + zlib.crc32(bytes(str(prompt), "ascii"))) % (2**31 - 1)
 
 
-def check_model_dir(model_path: str) -> str:
+def check_model_dir(model_path: str, field: str = "model") -> str:
     """The one check that a path is a usable local model dir (config, complete safetensors,
-    a tokenizer that fits), before any engine or weights load."""
+    a tokenizer that fits), before any engine or weights load; `field` names it in errors."""
     from llmkd.preflight import check_model_dir as check
 
-    return check(model_path)
+    return check(model_path, field)
 
 
 def _has_cuda() -> bool:
@@ -237,6 +237,25 @@ class HFBackend:
     def close(self) -> None:
         self.model = None
         gc.collect()
+
+
+HF_ENGINE_OPTIONS = ("batch_size", "device")
+
+
+def check_engine_options(kind: str, engine: dict[str, Any]) -> None:
+    """`engine` keys the backend takes (vLLM: its EngineArgs), checked before any weights load:
+    an unknown one would otherwise fail inside the engine, with a traceback."""
+    from llmkd.validation import check_keys
+
+    if kind == "hf":
+        valid = list(HF_ENGINE_OPTIONS)
+    else:
+        try:
+            from vllm.engine.arg_utils import EngineArgs
+        except ImportError:
+            return          # no vLLM: make_backend says so
+        valid = [f.name for f in dataclasses.fields(EngineArgs)]
+    check_keys("engine.", engine, valid)
 
 
 def make_backend(kind: str, model_path: str, *, dtype: str = "float32", max_model_len: int = 1024,

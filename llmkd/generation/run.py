@@ -198,12 +198,18 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
     from transformers import AutoTokenizer
 
     from llmkd.data.recipes import load_recipe
-    from llmkd.generation.backends import make_backend
+    from llmkd.generation.backends import check_engine_options, make_backend
     from llmkd.generation.rationales import YieldCounter
     from llmkd.generation.writer import ShardWriter
+    from llmkd.preflight import model_vocab_size
 
     # 1. Everything checkable without the teacher, before the engine starts.
     model_dir = resolve_model(cfg.model)
+    check_engine_options(cfg.backend, cfg.engine)
+    vocab = model_vocab_size(model_dir)
+    if vocab is not None and cfg.topk > vocab:
+        raise ValueError(f"config: topk={cfg.topk} is more than the teacher's vocabulary ({vocab} tokens, "
+                         f"{model_dir / 'config.json'}); lower topk (e.g. 20)")
     recipe = load_recipe(cfg.recipe, path=cfg.data_path)
     data = recipe.load(cfg.num_prompts, seed=cfg.seed, offset=cfg.offset)
     records = data.select_columns(["id", "prompt", "answer"]).to_list()

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmkd.fsutil import disk_full
+
 MANIFEST = "manifest.json"
 LOCK = ".llmkd-lock"
 SHARD_GLOB = "shard-*.parquet"
@@ -211,8 +213,15 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         floats, others = _leaf_paths(schema)
         # byte-stream-split float columns (top-k log-probs, tail mass): lossless, a third smaller
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd",
-                       use_byte_stream_split=floats, use_dictionary=others, write_page_checksum=True)
+        try:
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, compression="zstd",
+                           use_byte_stream_split=floats, use_dictionary=others, write_page_checksum=True)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            full = disk_full(err, self.out_dir, f"shard {path.name} (the shards before it are complete)")
+            if full:
+                raise full from None
+            raise
         with self._locked():
             try:   # another process may have started writing a different config meanwhile
                 self._check_shards(_shards(self.out_dir))

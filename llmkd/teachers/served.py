@@ -20,9 +20,10 @@ class ServedTargets(TeacherTargets):
 
     pending: Future | None = None
     device: Any = None
+    client: Any = None     # the ServedTeacher: its `wait` gives up once a stop signal is old
 
     def wait(self) -> TeacherTargets:
-        ids, logprobs = self.pending.result()
+        ids, logprobs = self.client.wait(self.pending)
         return TeacherTargets(topk_ids=ids.to(self.device), topk_logprobs=logprobs.to(self.device))
 
 
@@ -35,7 +36,8 @@ class Served(Teacher):
     def targets(self, batch: dict[str, torch.Tensor], *, hidden: bool, vocab: int | None) -> TeacherTargets:
         """Top-k for the label positions, laid like the offline columns."""
         return ServedTargets(pending=self.client.submit(batch["input_ids"], batch["attention_mask"],
-                                                        batch["labels"]), device=batch["labels"].device)
+                                                        batch["labels"]), device=batch["labels"].device,
+                              client=self.client)
 
     def check(self, student_tokenizer: PreTrainedTokenizerBase | None) -> None:
         self.client.check_tokenizer(student_tokenizer)     # also the first contact: is it up?

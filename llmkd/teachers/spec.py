@@ -30,6 +30,8 @@ class TeacherSpec:
     teacher_server: str | None = None   # served: URL of `llmkd serve-teacher`
     teacher_topk: int = 20
     teacher_dtype: str = "float32"
+    teacher_timeout: float = 30.0       # served: seconds an attempt may take, plus ...
+    teacher_timeout_per_token: float = 0.01   # ... this per token of the batch (then retries)
     weight: float = 1.0                 # teacher_mix=mean: its share of the mixture
     offload: str | None = None          # cpu: kept in host memory, on the device only for its rows
     method: dict | None = None          # this teacher's method keys over the method section (e.g.
@@ -44,7 +46,8 @@ def teacher_specs(model: Any) -> dict[str, TeacherSpec]:
     """name -> TeacherSpec; the single-teacher keys are the one teacher named `teacher`."""
     if not model.teachers:
         return {"teacher": TeacherSpec(model.teacher, model.teacher_mode, model.teacher_server,
-                                       model.teacher_topk, model.teacher_dtype)}
+                                       model.teacher_topk, model.teacher_dtype, model.teacher_timeout,
+                                       model.teacher_timeout_per_token)}
     if not isinstance(model.teachers, dict):
         raise ValueError(f"config: model.teachers must map names to teachers, found {model.teachers!r}; "
                          "e.g. {math: {teacher: DIR}, chat: {teacher_server: http://host:8000}}")
