@@ -102,8 +102,10 @@ def test_toy_method_trains_without_trainer_edits(tiny_pair, tmp_path, toy_method
     ce = [h["argmax_ce"] for h in trainer.state.log_history if "argmax_ce" in h]
     assert ce[-1] < 0.8 * ce[0]
     # method state travels with the checkpoint
-    resumed = build_trainer(make_cfg(tiny_pair, tmp_path / "run", max_steps=12, gradient_accumulation_steps=2,
-                                     per_device_train_batch_size=2, method={"name": "argmax_kd"},
+    resumed = build_trainer(make_cfg(tiny_pair, tmp_path / "run", max_steps=12, learning_rate=3e-3,
+                                     gradient_accumulation_steps=2, per_device_train_batch_size=2,
+                                     method={"name": "argmax_kd", "weight_long": 3.0}, save_strategy="steps",
+                                     save_steps=6,
                                      resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6")))
     resumed.train()
     assert [s for s, _ in resumed.method.steps] == list(range(1, 13))
