@@ -114,7 +114,7 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
 def config(args: argparse.Namespace, teacher: str, data: str, out: Path, method: dict[str, Any],
            start: Path | None = None) -> Any:
     """The row's run; `start`: a trained student to continue from (else the teacher's layers)."""
-    from llmkd.config import config_from_dict
+    from llmkd.training.config import config_from_dict
 
     student = {"student": str(start)} if start else {"student_layers": args.student_layers}
     return config_from_dict({
@@ -219,7 +219,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from llmkd.pipeline import build_trainer
+    from llmkd.training.pipeline import build_trainer
 
     target = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     results: list[dict[str, Any]] = []

@@ -168,7 +168,7 @@ def token_rows(rows: list[dict]) -> list[dict]:
 def load_pair(model_dir: str) -> tuple[Any, Any, Any]:
     """(teacher, student = every other teacher layer, tokenizer), fp32, as `llmkd distill` builds them."""
     from llmkd.models.student import derive_student, load_causal_lm
-    from llmkd.pipeline import load_tokenizer
+    from llmkd.training.pipeline import load_tokenizer
 
     teacher = load_causal_lm(model_dir)
     student = derive_student(teacher, "every_other")
@@ -220,8 +220,8 @@ def build_trainer(variant: str, model_dir: str, rows: list[dict], regime: Regime
     teacher, student, tok = load_pair(model_dir)
     base = common_args(regime, steps, device)
     if variant.startswith("llmkd"):
-        from llmkd.config import config_from_dict
-        from llmkd.trainer import DistillationTrainer
+        from llmkd.training.config import config_from_dict
+        from llmkd.training.trainer import DistillationTrainer
 
         on = variant in ("llmkd_on", "llmkd_on_vllm")
         cfg = config_from_dict({

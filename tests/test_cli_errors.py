@@ -163,7 +163,7 @@ HELD: list[int] = []      # lock descriptors this process holds during a case
 def another_run_holds_the_lock(tmp: Path, cfg: dict) -> None:
     import fcntl
 
-    from llmkd.outdir import LOCK
+    from llmkd.training.outdir import LOCK
 
     out = Path(cfg["output_dir"])
     out.mkdir()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from llmkd.fsutil import atomic_write_text
-from llmkd.sampling import cut_at_eos
+from llmkd.generation.sampling import cut_at_eos
 
 
 def acceptance_rate(target_probs: torch.Tensor, draft_probs: torch.Tensor,

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from llmkd.sampling import SamplingSpec
+from llmkd.generation.sampling import SamplingSpec
 from llmkd.validation import check_keys, coerce
 
 if TYPE_CHECKING:   # the protocol imports no model library: configs validate without them
@@ -59,7 +59,7 @@ class Method:
     """Base class for methods. Subclasses set `name`, `Params` and implement `teacher_targets`
     and `loss`; every other hook has a default that fits token-level KD on one tokenizer.
 
-    Life cycle (the trainer and `llmkd.pipeline` call these, in this order):
+    Life cycle (the trainer and `llmkd.training.pipeline` call these, in this order):
       setup(student_tokenizer, teacher_tokenizer)   once, before any data or weights load
       build_examples -> features -> collate          data (the method owns its batch keys)
       attach(teacher, student, chunked_head_ok)      once the models are placed

@@ -1,7 +1,7 @@
 """Cross-tokenizer distillation: a teacher and a student with different tokenizers.
 
 Each response text is tokenised by both tokenizers and cut into the shortest chunks whose
-characters coincide (`llmkd.alignment`), once per example when the features are built. The
+characters coincide (`llmkd.data.alignment`), once per example when the features are built. The
 teacher reads its own tokens (its own chat template on the same prompt); the loss compares the
 two models chunk by chunk:
 
@@ -44,9 +44,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llmkd.alignment import AlignedText, ChunkAligner, boundary_token_ids, merge_at_word_ends, offsets_backend
+from llmkd.data.alignment import AlignedText, ChunkAligner, boundary_token_ids, merge_at_word_ends, offsets_backend
 from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets, as_mean, output_rows, pad_id
-from llmkd.sampling import SamplingSpec, check_sampler
+from llmkd.generation.sampling import SamplingSpec, check_sampler
 
 if TYPE_CHECKING:   # torch loads lazily: configs validate these Params without it
     import torch

@@ -19,7 +19,7 @@ from llmkd.losses.divergences import reduce
 from llmkd.methods.base import HeadOutput, Method, TeacherTargets, as_mean
 from llmkd.methods.params import TokenKDParams   # torch-free: configs validate before torch loads
 from llmkd.models.head import chunked_divergence_heads, run_head
-from llmkd.sampling import SamplingSpec
+from llmkd.generation.sampling import SamplingSpec
 
 
 def shifted_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmkd.config import apply_overrides, check_keys, read_yaml_mapping
+from llmkd.training.config import apply_overrides, check_keys, read_yaml_mapping
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 DRAFT_GAMMA = 4   # draft length for the analytic block efficiency (student as a speculative draft)
 KEYS = ["recipe", "num_train_prompts", "num_eval_prompts", "generate", "distill", "eval"]
 
@@ -35,14 +35,14 @@ def _stage(name: str, timings: dict[str, float], start: float) -> float:
 
 
 def run_quickstart(config: str | Path | None, out: str | Path, overrides: list[str]) -> dict[str, Any]:
-    from llmkd.config import config_from_dict
+    from llmkd.training.config import config_from_dict
     from llmkd.eval.closeness import teacher_closeness
     from llmkd.eval.reasoning import evaluate_reasoning
     from llmkd.eval.speculative import block_efficiency
     from llmkd.eval.report import write_report
     from llmkd.generation.run import GenerationConfig, run_generation
     from llmkd.models.embedded import embedded_teacher_dir
-    from llmkd.pipeline import build_trainer
+    from llmkd.training.pipeline import build_trainer
 
     q = load_quickstart_config(config, overrides)
     out = Path(out)

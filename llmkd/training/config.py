@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from llmkd import config_checks
-from llmkd.outdir import check_not_an_input
+from llmkd.training import config_checks
+from llmkd.training.outdir import check_not_an_input
 from llmkd.validation import check_keys, coerce  # noqa: F401  (check_keys, coerce: re-exported)
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -405,8 +405,8 @@ def _check_data(d: DataSpec) -> None:
 
 
 def _check_output(top: dict[str, Any], resume: Any) -> None:
-    from llmkd.checkpoint import checkpoint_problem, describe_skipped, find_checkpoint
-    from llmkd.outdir import check_overwrite, foreign_entries
+    from llmkd.training.checkpoint import checkpoint_problem, describe_skipped, find_checkpoint
+    from llmkd.training.outdir import check_overwrite, foreign_entries
     from llmkd.preflight import check_output_dir
 
     out = Path(top["output_dir"]).expanduser()
@@ -506,7 +506,7 @@ def input_paths(m: ModelSpec, d: DataSpec) -> dict[str, str | None]:
 
 def config_from_dict(raw: dict) -> Any:
     """Build and validate a DistillationConfig from a plain dict (what YAML gives)."""
-    from llmkd.checkpoint import check_resume_config
+    from llmkd.training.checkpoint import check_resume_config
 
     kwargs = check_config(raw)                # first: it imports no model library
     cfg = _distillation_config()(**kwargs)

@@ -10,7 +10,7 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from llmkd.config import DistillationConfig, teacher_mode
+from llmkd.training.config import DistillationConfig, teacher_mode
 from llmkd.data.recipes import load_recipe
 from llmkd.methods.base import Method
 from llmkd.models.embedded import resolve_model_name
@@ -125,7 +125,7 @@ def _start_zero3_comm() -> bool:
 
 def build_trainer(cfg: DistillationConfig):
     """Everything a `llmkd distill` run needs, validated in cheap-to-expensive order."""
-    from llmkd.trainer import DistillationTrainer, build_method
+    from llmkd.training.trainer import DistillationTrainer, build_method
 
     m = cfg.model
     student_tok = load_tokenizer(resolve_model_name(m.student if m.student is not None else m.teacher))
@@ -218,7 +218,7 @@ def check_lora_targets_early(cfg: DistillationConfig) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmkd.config_checks import check_lora_targets
+    from llmkd.training.config_checks import check_lora_targets
 
     targets = cfg.model.lora.get("target_modules")
     if targets is None or targets == "all-linear":

@@ -1,6 +1,6 @@
 """Config checks that used to fail only after the weights loaded (or never): non-finite numbers,
 seeds, LoRA values, student layers beyond the teacher's depth, DeepSpeed without a launcher.
-Called from `llmkd.config.check_config`; nothing here imports a model library."""
+Called from `llmkd.training.config.check_config`; nothing here imports a model library."""
 from __future__ import annotations
 
 import json
