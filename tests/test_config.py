@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmkd.training.config import (check_config, config_from_dict, config_help, load_config, read_yaml_mapping,
-                          training_args_schema)
+from llmkd.training.config import check_config, config_from_dict, config_help, load_config
+from llmkd.training.schema import training_args_schema
+from llmkd.yaml_reader import read_yaml_mapping
 from llmkd.training.outdir import MARKER
 from llmkd.validation import type_ok
 

@@ -70,7 +70,8 @@ class EvalSpec:
 
 def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
     if args.config:
-        from llmkd.training.config import check_keys, coerce, read_yaml_mapping
+        from llmkd.validation import check_keys, coerce
+        from llmkd.yaml_reader import read_yaml_mapping
 
         raw = read_yaml_mapping(args.config, "eval config")
         check_keys("", raw, [f.name for f in fields(EvalSpec)])

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmkd.training.config import apply_overrides, check_keys, read_yaml_mapping
+from llmkd.validation import check_keys
+from llmkd.yaml_reader import apply_overrides, read_yaml_mapping
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 DRAFT_GAMMA = 4   # draft length for the analytic block efficiency (student as a speculative draft)

@@ -41,7 +41,8 @@ def register(sub: Any) -> None:
 
 def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str]:
     """(argv, environment, URL) of the vLLM server for `args.config`."""
-    from llmkd.training.config import DataSpec, ModelSpec, apply_overrides, read_yaml_mapping
+    from llmkd.training.config import DataSpec, ModelSpec
+    from llmkd.yaml_reader import apply_overrides, read_yaml_mapping
     from llmkd.validation import check_keys, coerce
 
     raw = apply_overrides(read_yaml_mapping(args.config, "distill config"), list(args.overrides))

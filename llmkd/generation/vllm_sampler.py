@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkd.generation.sampling import SamplingSpec, cut_at_eos
+from llmkd.generation.spec import SamplingSpec, cut_at_eos
 
 if TYPE_CHECKING:
     import torch

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from llmkd.generation.sampling import SamplingSpec
+from llmkd.models.output import HeadOutput
 from llmkd.validation import check_keys, coerce
 
 if TYPE_CHECKING:   # the protocol imports no model library: configs validate without them
@@ -19,7 +20,6 @@ if TYPE_CHECKING:   # the protocol imports no model library: configs validate wi
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from llmkd.models.head import LMHead
 
 
 @dataclass
@@ -34,16 +34,6 @@ class MethodParams:
     def check_teacher_mode(self, teacher_mode: str) -> None:
         """Raise for a parameter the teacher mode cannot serve ('live', 'offline' or 'served'),
         before any weights load (e.g. on-policy samples have no offline top-k columns)."""
-
-
-@dataclass
-class HeadOutput:
-    """A model's output for distillation: full logits, or final hidden states + its lm_head
-    (the chunked loss applies the head itself so (B, S, V) logits are never materialised)."""
-
-    logits: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
-    head: LMHead | None = None
 
 
 @dataclass
