@@ -75,12 +75,16 @@ LABELS = {"sft": "SFT on teacher responses (CE)", "fkl": "forward KL", "rkl": "r
           "teacher": "teacher"}
 
 
+class SFTParams(MethodParams):
+    def unsupported_teachers(self) -> dict[str, str]:
+        return {}       # reads no teacher at all
+
+
 class SFT(Method):
     """Cross-entropy on the batch's (teacher) responses: the baseline that uses no teacher logits."""
 
     name = "sft"
-    Params = MethodParams
-    needs_live_teacher = False
+    Params = SFTParams
 
     def teacher_targets(self, batch: dict[str, torch.Tensor]) -> TeacherTargets:
         return TeacherTargets()

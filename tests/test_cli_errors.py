@@ -173,6 +173,21 @@ def another_run_holds_the_lock(tmp: Path, cfg: dict) -> None:
     HELD.append(fd)
 
 
+def teachers(mix: str = "route", weights: tuple[float, float] = (1.0, 1.0), keep_teacher: bool = False,
+             second: dict | None = None, routes: tuple[str, str] = ("math", "logic"),
+             method: dict | None = None) -> Callable[[Path, dict], None]:
+    """The config with two teachers (model.teachers), a two-source data.mixture and teacher_mix."""
+    def apply(tmp: Path, cfg: dict) -> None:
+        t = cfg["model"]["teacher"] if keep_teacher else cfg["model"].pop("teacher")
+        if second == "other-tokenizer":
+            other_tokenizer_student(tmp, {"model": cfg["model"] | {}})
+        logic = {"teacher": str(tmp / "other")} if second == "other-tokenizer" else (second or {"teacher": t})
+        cfg["model"]["teachers"] = {"math": {"teacher": t, "weight": weights[0]}, "logic": {**logic, "weight": weights[1]}}
+        cfg["data"] = {"mixture": [{"recipe": "arithmetic", "num_train": 8, "num_eval": 4, "teacher": r} for r in routes]}
+        cfg["method"].update({"teacher_mix": mix, **(method or {})})
+    return apply
+
+
 def eval_argv(model: Callable[[Path], str], *extra: str) -> Callable[[Path], list[str]]:
     return lambda tmp: ["eval", "--model", model(tmp), "--recipes", "arithmetic", "--backend", "hf",
                         "--out", str(tmp / "eval"), *extra]
@@ -286,6 +301,19 @@ CASES = {
     "beta-range": Case(("method.beta=1.5 is outside [0, 1]",), edit(**{"method.beta": 1.5})),
     "temperature-0": Case(("method.temperature=0 must be > 0",), edit(**{"method.temperature": 0})),
     "kind-unknown": Case(("method.kind='kl' is unknown",), edit(**{"method.kind": "kl"})),
+    # several teachers (model.teachers, data.mixture, method.teacher_mix)
+    "teachers-unknown-name": Case(("data.mixture[1].teacher='logc' is not in model.teachers", "did you mean 'logic'"),
+                                  teachers(routes=("math", "logc"))),
+    "teachers-unused": Case(("model.teachers.logic is used by no source of data.mixture",),
+                            teachers(routes=("math", "math"))),
+    "teachers-mean-tokenizers": Case(("teacher_mix=mean needs one tokenizer", "model.teachers.logic"),
+                                     teachers(mix="mean", second="other-tokenizer")),
+    "teachers-served-seq-kd": Case(("model.teachers.logic (served)", "method.seq_kd"),
+                                   teachers(second={"teacher_server": "http://127.0.0.1:9"}, method={"seq_kd": True})),
+    "teachers-weights-zero": Case(("weights", "must be >= 0 with a positive sum"), teachers(weights=(0.0, 0.0))),
+    "teachers-weight-negative": Case(("weights", "must be >= 0 with a positive sum"), teachers(weights=(-1.0, 2.0))),
+    "teachers-and-teacher": Case(("model.teacher / model.teacher_server and model.teachers are both set",),
+                                 teachers(keep_teacher=True)),
     # output_dir and resume
     "output-under-a-file": Case(("output_dir=", "is a regular file"),
                                 edit(output_dir=lambda tmp: file_text("notes.txt", "x")(tmp) + "/run")),

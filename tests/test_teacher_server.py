@@ -178,10 +178,12 @@ def _trainer(url: str, student_dir: Path, out: Path, *, retries: int = 5, **over
     cfg = _config(url, student_dir, out, method_cfg, **over)
     tok = load_tokenizer(str(student_dir))
     params = {k: v for k, v in method_cfg.items() if k != "name"}
+    from llmkd.teachers.served import Served
+
     method = build_method("token_kd", params, tok)
-    method.teacher_server = ServedTeacher(url, K, retries=retries, backoff=0.2)
+    teacher = Served(ServedTeacher(url, K, retries=retries, backoff=0.2))
     train, evals = build_datasets(cfg, method)
-    return DistillationTrainer(model=load_causal_lm(student_dir), args=cfg, teacher=None, method=method,
+    return DistillationTrainer(model=load_causal_lm(student_dir), args=cfg, teacher=teacher, method=method,
                                processing_class=tok, train_dataset=train, eval_dataset=evals)
 
 
@@ -194,13 +196,58 @@ def test_training_with_the_served_teacher_lowers_the_kd_loss(server, teacher_dir
     # student's own samples, scored by the server (on-policy)
     trainer = build_trainer(_config(url, student, tmp_path / "run",
                                     {"name": "token_kd", "kind": "fkl", "lmbda": 0.5, "max_new_tokens": 8}))
-    assert trainer.teacher is None and trainer.method.teacher_server is not None
+    assert trainer.teacher is None and trainer.method.source.kind == "served"
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
     assert after < 0.7 * before, (before, after)
     sources = [h["on_policy"] for h in trainer.state.log_history if "on_policy" in h]
     assert 0 < sum(sources) < len(sources), sources
+
+
+def test_a_served_and_a_live_teacher_in_one_run(server, teacher_dir, tmp_path):
+    """model.teachers: one served (this module's server), one live (a tiny model on the same
+    tokenizer). A mixed batch's loss = each method's loss on its own rows; an on-policy run scores
+    each sample by its source's teacher."""
+    from llmkd.training.config import config_from_dict
+    from llmkd.models.head import forward_head
+    from llmkd.training.pipeline import build_trainer
+
+    url, _ = server
+    student = _tiny_student(teacher_dir, tmp_path / "student")
+    live = _tiny_student(teacher_dir, tmp_path / "live")
+
+    def cfg(out, **method):
+        return config_from_dict({
+            "output_dir": str(out), "max_steps": 2, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
+            "use_cpu": True, "save_strategy": "no", "seed": 0, "disable_tqdm": True, "logging_steps": 1,
+            "report_to": "none",
+            "model": {"student": str(student), "teachers": {"served": {"teacher_server": url, "teacher_topk": K},
+                                                            "live": {"teacher": str(live)}}},
+            "data": {"max_length": 256, "mixture": [
+                {"recipe": "arithmetic", "num_train": 8, "num_eval": 4, "teacher": "served"},
+                {"recipe": "arithmetic", "num_train": 8, "num_eval": 4, "seed": 1, "teacher": "live"}]},
+            "method": {"name": "token_kd", "kind": "fkl", "chunk_size": 0, **method}})
+
+    trainer = build_trainer(cfg(tmp_path / "run"))
+    methods = trainer.method.methods
+    assert methods["served"].source.kind == "served" and methods["live"].source.kind == "live"
+    rows = [trainer.train_dataset[i] for i in (0, 8, 1, 9)]
+    batch = trainer.data_collator(rows)
+    n = trainer.method.count_items(batch)
+    model = trainer.model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n)
+        total = 0.0
+        for name, m in methods.items():
+            sub = m.collate([{k: v for k, v in r.items() if k != "teacher" and v is not None}
+                             for r in rows if r["teacher"] == name])
+            total += float(m.loss(forward_head(model, sub, hidden=False), m.teacher_targets(sub), sub, n)[0])
+    assert float(loss) == pytest.approx(total, rel=1e-5)
+    on_policy = build_trainer(cfg(tmp_path / "op", lmbda=1.0, max_new_tokens=6))
+    on_policy.train()
+    logged = {k: v for h in on_policy.state.log_history for k, v in h.items()}
+    assert logged["on_policy"] == 1.0 and {"kd_served", "kd_live", "rows_served", "rows_live"} <= set(logged)
 
 
 def test_server_killed_mid_run_retries_then_fails_clearly_keeping_the_checkpoint(server, teacher_dir, tmp_path):

@@ -20,6 +20,7 @@ if TYPE_CHECKING:   # the protocol imports no model library: configs validate wi
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from llmkd.teachers import Teacher
 
 
 @dataclass
@@ -31,9 +32,12 @@ class MethodParams:
         check_keys("method.", raw, [f.name for f in dataclasses.fields(cls)] + ["name"])
         return cls(**coerce("method.", {k: v for k, v in raw.items() if k != "name"}, cls))
 
-    def check_teacher_mode(self, teacher_mode: str) -> None:
-        """Raise for a parameter the teacher mode cannot serve ('live', 'offline' or 'served'),
-        before any weights load (e.g. on-policy samples have no offline top-k columns)."""
+    def unsupported_teachers(self) -> dict[str, str]:
+        """The teacher kinds ('live', 'offline', 'served') this configuration cannot use, each with
+        the one-line reason and fix; checked before any weights load and on attach
+        (`llmkd.teachers.check_teacher_kind`). By default a method needs a live teacher."""
+        return {kind: f"config: this method needs a live teacher (model.teacher and "
+                      f"model.teacher_mode=live), not a {kind} one" for kind in ("offline", "served")}
 
 
 @dataclass
@@ -66,15 +70,14 @@ class Method:
     # returns a per-micro-batch mean (e.g. a weighted mean of per-task means, which no single
     # global count can give) and the Trainer divides it by the grad-accumulation steps.
     uses_num_items: ClassVar[bool] = True
-    # A method that runs a live teacher says so; offline targets come from the batch instead.
-    needs_live_teacher: ClassVar[bool] = True
     # Trains on the token ids stored in `llmkd generate` shards (so their tokenizer must be the
     # student's); False for methods that re-tokenize the response text.
     uses_generated_token_ids: ClassVar[bool] = True
 
     def __init__(self, params: MethodParams) -> None:
         self.params = params
-        self.teacher: PreTrainedModel | None = None
+        self.teacher: PreTrainedModel | None = None     # the live teacher's model, else None
+        self.source: Teacher | None = None              # where the targets come from (any kind)
         self.student_tokenizer: PreTrainedTokenizerBase | None = None
         self.teacher_tokenizer: PreTrainedTokenizerBase | None = None
         # False where the lm_head weight cannot be read outside the model's forward (ZeRO-3
@@ -100,11 +103,16 @@ class Method:
         embedding rows (Qwen2.5 0.5B 151,936 vs 7B 152,064) never get mass."""
         return None if self.student_tokenizer is None else len(self.student_tokenizer)
 
-    def attach(self, teacher: PreTrainedModel | None, student: PreTrainedModel, *,
+    def attach(self, teacher: Teacher | PreTrainedModel | None, student: PreTrainedModel, *,
                chunked_head_ok: bool) -> None:
-        """The placed teacher (None when offline) and student; check what needs the weights."""
-        if teacher is None and self.needs_live_teacher:
-            raise ValueError(f"method {self.name} needs a live teacher (model.teacher_mode=live)")
+        """The teacher (a `llmkd.teachers.Teacher`; a placed model = live, None = offline) and
+        the student; check what needs the weights."""
+        from llmkd.teachers import as_teacher, check_teacher_kind
+
+        source = as_teacher(teacher)
+        check_teacher_kind(self.params, source.kind)
+        source.check(self.student_tokenizer)
+        teacher = source.model
         for role, model in (("teacher", teacher), ("student", student)):
             if model is not None and self.vocab_size is not None:
                 rows = output_rows(model)
@@ -113,7 +121,7 @@ class Method:
                         f"the {role} has {rows} output rows but its tokenizer has {self.vocab_size} "
                         "tokens; the model and tokenizer do not belong together (check model."
                         f"{role} and the tokenizer directory)")
-        self.teacher = teacher
+        self.teacher, self.source = teacher, source
         self.chunked_head_ok = chunked_head_ok
 
     # -- data -----------------------------------------------------------------------------------
@@ -162,7 +170,8 @@ class Method:
         return False
 
     def teacher_targets(self, batch: dict[str, torch.Tensor]) -> TeacherTargets:
-        raise NotImplementedError
+        """The attached teacher's targets for the batch, whatever its kind."""
+        return self.source.targets(batch, hidden=self.wants_hidden(), vocab=self.vocab_size)
 
     def loss(self, student: HeadOutput, targets: TeacherTargets, batch: dict[str, torch.Tensor],
              num_items: torch.Tensor | int | None) -> tuple[torch.Tensor, dict[str, float]]:

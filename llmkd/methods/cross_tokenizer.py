@@ -54,6 +54,7 @@ if TYPE_CHECKING:   # torch loads lazily: configs validate these Params without 
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
     from llmkd.models.head import LMHead
+    from llmkd.teachers import Teacher
 
 LOSSES = ("alm", "alm_unbiased", "uld", "none")
 MAX_UNPAIRED = 0.5      # refuse a tokenizer pair when more than this share of chunks is unpaired
@@ -96,6 +97,12 @@ class CrossTokenizerParams(MethodParams):
         if not 0 < self.top_p <= 1:
             raise ValueError(f"method.top_p={self.top_p} must be in (0, 1]")
 
+    def unsupported_teachers(self) -> dict[str, str]:
+        why = ("config: method cross_tokenizer needs a live teacher (model.teacher_mode=live): top-k "
+               "log-probs (offline or served) are in the teacher's vocabulary, which the student does "
+               "not share")
+        return {"offline": why, "served": why}
+
 
 class CrossTokenizer(Method):
     name = "cross_tokenizer"
@@ -134,19 +141,20 @@ class CrossTokenizer(Method):
         """The student's rows (the trainer's student forward keeps these); the teacher keeps its own."""
         return None if self.student_tokenizer is None else len(self.student_tokenizer)
 
-    def attach(self, teacher: PreTrainedModel | None, student: PreTrainedModel, *,
+    def attach(self, teacher: Teacher | PreTrainedModel | None, student: PreTrainedModel, *,
                chunked_head_ok: bool) -> None:
-        if teacher is None:
-            raise ValueError("method cross_tokenizer needs a live teacher (model.teacher_mode=live): "
-                             "offline top-k columns are in the teacher's vocabulary, which the "
-                             "student does not share")
+        from llmkd.teachers import as_teacher, check_teacher_kind
+
+        source = as_teacher(teacher)
+        check_teacher_kind(self.params, source.kind)
+        teacher = source.model
         for role, model, tok in (("teacher", teacher, self.teacher_tokenizer),
                                  ("student", student, self.student_tokenizer)):
             if output_rows(model) < len(tok):
                 raise ValueError(f"the {role} has {output_rows(model)} output rows but its tokenizer "
                                  f"has {len(tok)} tokens; model.{role} and its tokenizer do not "
                                  "belong together")
-        self.teacher = teacher
+        self.teacher, self.source = teacher, source
         self.chunked_head_ok = chunked_head_ok
 
     # -- data -----------------------------------------------------------------------------------
@@ -328,10 +336,8 @@ class CrossTokenizer(Method):
 
     def teacher_output(self, batch: dict[str, torch.Tensor]) -> HeadOutput:
         """The teacher on its own tokens (no graph), restricted to its tokenizer's rows."""
-        from llmkd.models.head import run_head
-
         inputs = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
-        return run_head(self.teacher, inputs, hidden=self.wants_hidden(), vocab=len(self.teacher_tokenizer))
+        return self.source.targets(inputs, hidden=self.wants_hidden(), vocab=len(self.teacher_tokenizer)).output
 
     def loss(self, student: HeadOutput, targets: TeacherTargets, batch: dict[str, torch.Tensor],
              num_items: torch.Tensor | int | None) -> tuple[torch.Tensor, dict[str, float]]:

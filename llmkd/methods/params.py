@@ -48,13 +48,16 @@ class TokenKDParams(MethodParams):
             raise ValueError(f"method.gen_temperature={self.gen_temperature} must be > 0 and "
                              f"method.top_p={self.top_p} in (0, 1]")
 
-    def check_teacher_mode(self, teacher_mode: str) -> None:
-        if teacher_mode == "served" and self.seq_kd:
-            raise ValueError("config: method.seq_kd samples responses from a teacher model; with "
+    def unsupported_teachers(self) -> dict[str, str]:
+        """Any kind scores dataset responses; new samples need a teacher that can score them."""
+        out = {}
+        if self.seq_kd:
+            out["served"] = ("config: method.seq_kd samples responses from a teacher model; with "
                              "model.teacher_server use method.lmbda (student samples) instead")
-        if teacher_mode == "offline" and (self.lmbda > 0 or self.seq_kd):
-            raise ValueError("config: method.lmbda > 0 / method.seq_kd need model.teacher_mode=live: "
-                             "offline top-k columns only cover the generated responses, not new samples")
+        if self.lmbda > 0 or self.seq_kd:
+            out["offline"] = ("config: method.lmbda > 0 / method.seq_kd need model.teacher_mode=live: "
+                              "offline top-k columns only cover the generated responses, not new samples")
+        return out
 
 
 @dataclass
@@ -86,11 +89,15 @@ class RationaleParams(MethodParams):
             raise ValueError(f"method.rationale_template={self.rationale_template!r} needs both "
                              "'{rationale}' and '{answer}'")
 
-    def check_teacher_mode(self, teacher_mode: str) -> None:
-        if teacher_mode != "live" and self.kd_weight > 0:
-            raise ValueError("config: method.kd_weight > 0 needs model.teacher_mode=live: the generated "
-                             "top-k columns belong to the teacher's CoT response, not the [rationale] "
-                             "rows; or set method.kd_weight=0")
+    def unsupported_teachers(self) -> dict[str, str]:
+        """Only the optional KD term runs a teacher, and it needs the full logits of a live one."""
+        why = {"offline": "config: method.kd_weight > 0 needs model.teacher_mode=live (a live teacher): "
+                          "the generated top-k columns belong to the teacher's CoT response, not the "
+                          "[rationale] rows; or set method.kd_weight=0",
+               "served": "config: model.teacher_server is set but method.name='rationale' reads no "
+                         "served top-k (its KD term needs a live teacher's full logits); drop "
+                         "model.teacher_server, or use a live teacher"}
+        return why if self.kd_weight > 0 else {"served": why["served"]}
 
     @property
     def tasks(self) -> tuple[int, ...]:

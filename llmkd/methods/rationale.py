@@ -30,11 +30,9 @@ from llmkd.losses.divergences import compute_dtype
 from llmkd.methods.base import HeadOutput, Method, TeacherTargets
 from llmkd.methods.params import LABEL, RATIONALE, RationaleParams   # torch-free: configs validate before torch loads
 from llmkd.methods.token_kd import shifted_mask
-from llmkd.models.head import run_head
 
 if TYPE_CHECKING:
     from datasets import Dataset
-    from transformers import PreTrainedModel
 
 GENERATE_HINT = ("run `llmkd generate configs/generate/rationale.yaml` (mode: rationale) and point "
                  "data.path at its output, or give a data file with a `rationale` column")
@@ -52,16 +50,6 @@ class Rationale(Method):
     name = "rationale"
     Params = RationaleParams
     uses_num_items = False
-
-    needs_live_teacher = False      # only the optional KD term (kd_weight > 0) runs the teacher
-
-    def attach(self, teacher: "PreTrainedModel | None", student: "PreTrainedModel", *,
-               chunked_head_ok: bool) -> None:
-        if self.params.kd_weight > 0 and teacher is None:
-            raise ValueError("method.kd_weight > 0 needs a live teacher (model.teacher_mode=live): the "
-                             "generated top-k columns belong to the teacher's CoT response and do not "
-                             "line up with the [rationale] rows; or set method.kd_weight=0")
-        super().attach(teacher, student, chunked_head_ok=chunked_head_ok)
 
     # -- data -------------------------------------------------------------------------------
     @classmethod
@@ -124,7 +112,7 @@ class Rationale(Method):
         if self.params.kd_weight == 0 or not rows.any():
             return TeacherTargets()
         sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask")}
-        return TeacherTargets(output=run_head(self.teacher, sub, hidden=False, vocab=self.vocab_size))
+        return self.source.targets(sub, hidden=False, vocab=self.vocab_size)
 
     def loss(self, student: HeadOutput, targets: TeacherTargets, batch: dict[str, torch.Tensor],
              num_items: torch.Tensor | int | None) -> tuple[torch.Tensor, dict[str, float]]:

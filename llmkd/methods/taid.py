@@ -17,7 +17,7 @@ from llmkd.losses import TAIDSchedule, taid_loss
 from llmkd.losses.taid import check_schedule
 from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets, as_mean
 from llmkd.methods.token_kd import head_logits, shifted_mask
-from llmkd.models.head import chunked_divergence_heads, run_head
+from llmkd.models.head import chunked_divergence_heads
 
 NEEDS_LIVE = ("config: method taid needs model.teacher_mode=live: p_t mixes student and teacher "
               "logits over the whole vocabulary, which top-k log-probs (offline or served) cannot "
@@ -40,9 +40,8 @@ class TAIDParams(MethodParams):
         check_schedule(self.t_start, self.t_end, self.alpha, self.beta, self.total_steps or 1,
                        prefix="method.")
 
-    def check_teacher_mode(self, teacher_mode: str) -> None:
-        if teacher_mode != "live":
-            raise ValueError(NEEDS_LIVE)
+    def unsupported_teachers(self) -> dict[str, str]:
+        return {"offline": NEEDS_LIVE, "served": NEEDS_LIVE}
 
 
 class TAID(Method):
@@ -53,12 +52,6 @@ class TAID(Method):
         super().__init__(params)
         self.schedule = TAIDSchedule(params.t_start, params.t_end, params.alpha, params.beta,
                                      total_steps=params.total_steps or 1)
-
-    def attach(self, teacher: "torch.nn.Module | None", student: "torch.nn.Module", *,
-               chunked_head_ok: bool) -> None:
-        if teacher is None:
-            raise ValueError(NEEDS_LIVE)
-        super().attach(teacher, student, chunked_head_ok=chunked_head_ok)
 
     def on_train_begin(self, total_steps: int) -> None:
         """The run's number of optimizer steps (used when method.total_steps is 0)."""
@@ -73,10 +66,6 @@ class TAID(Method):
 
     def wants_hidden(self) -> bool:
         return self.chunked_head_ok and self.params.chunk_size > 0
-
-    def teacher_targets(self, batch: dict[str, torch.Tensor]) -> TeacherTargets:
-        return TeacherTargets(output=run_head(self.teacher, batch, hidden=self.wants_hidden(),
-                                              vocab=self.vocab_size))
 
     def loss(self, student: HeadOutput, targets: TeacherTargets, batch: dict[str, torch.Tensor],
              num_items: torch.Tensor | int | None) -> tuple[torch.Tensor, dict[str, float]]:

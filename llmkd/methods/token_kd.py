@@ -1,14 +1,12 @@
 """Token-level KD: off-policy (dataset responses), on-policy (student samples, GKD's lambda),
 sequence-level (teacher samples), any divergence of `llmkd.losses`, optional CE mix.
 
-The teacher is either live (a model run on the same batch), offline (top-k log-probs that
-`llmkd generate` wrote) or served (top-k log-probs from a vLLM server, `model.teacher_server`);
-the sparse loss with a tail bucket is used for the last two.
+The teacher is any kind of `llmkd.teachers.Teacher`: live (a model run on the same batch),
+offline (top-k log-probs that `llmkd generate` wrote) or served (top-k log-probs from a vLLM
+server, `model.teacher_server`); the sparse loss with a tail bucket is used for the last two.
 """
 from __future__ import annotations
 
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,8 +16,10 @@ from llmkd.losses import divergence
 from llmkd.losses.divergences import reduce
 from llmkd.methods.base import HeadOutput, Method, TeacherTargets, as_mean
 from llmkd.methods.params import TokenKDParams   # torch-free: configs validate before torch loads
-from llmkd.models.head import chunked_divergence_heads, run_head
+from llmkd.models.head import chunked_divergence_heads
 from llmkd.generation.sampling import SamplingSpec
+from llmkd.teachers import resolve
+from llmkd.teachers.served import ServedTargets  # noqa: F401  (its old home: re-exported)
 
 
 def shifted_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -51,31 +51,9 @@ def head_logits(out: HeadOutput) -> torch.Tensor:
     return out.logits if out.logits is not None else out.head.logits(out.hidden)
 
 
-@dataclass
-class ServedTargets(TeacherTargets):
-    """The teacher server's top-k, still on the way: resolved in `loss`, after the student's
-    forward, which the requests overlap."""
-
-    pending: Future | None = None
-
-
 class TokenKD(Method):
     name = "token_kd"
     Params = TokenKDParams
-    needs_live_teacher = False      # offline: the teacher's top-k columns come with the batch
-    # model.teacher_server: a `llmkd.teacher_server.ServedTeacher` the pipeline sets (no teacher model)
-    teacher_server: Any = None
-
-    def attach(self, teacher: "torch.nn.Module | None", student: "torch.nn.Module", *,
-               chunked_head_ok: bool) -> None:
-        if self.teacher_server is not None:
-            self.params.check_teacher_mode("served")
-            self.teacher_server.check_tokenizer(self.student_tokenizer)   # also: is it up?
-        elif teacher is None and (self.params.lmbda > 0 or self.params.seq_kd):
-            raise ValueError("config: method.lmbda > 0 / method.seq_kd need model.teacher_mode=live: "
-                             "offline top-k columns only cover the generated responses, not new samples")
-        super().attach(teacher, student, chunked_head_ok=chunked_head_ok)
-
     def response_source(self, rng: Any) -> str:
         if self.params.lmbda > 0 and rng.random() < self.params.lmbda:
             return "student"
@@ -90,25 +68,10 @@ class TokenKD(Method):
         return (self.chunked_head_ok and self.params.chunk_size > 0 and self.params.ce_weight == 0
                 and self.teacher is not None)
 
-    def teacher_targets(self, batch: dict[str, torch.Tensor]) -> TeacherTargets:
-        if self.teacher_server is not None:   # top-k for the label positions, like offline columns
-            return ServedTargets(pending=self.teacher_server.submit(
-                batch["input_ids"], batch["attention_mask"], batch["labels"]))
-        if self.teacher is None:   # offline: the top-k columns written by `llmkd generate`
-            if "teacher_topk_ids" not in batch:
-                raise ValueError("model.teacher_mode=offline but the data has no teacher_topk_ids column; "
-                                 "point data.path at an `llmkd generate` output made with topk > 0")
-            return TeacherTargets(topk_ids=batch["teacher_topk_ids"],
-                                  topk_logprobs=batch["teacher_topk_logprobs"])
-        return TeacherTargets(output=run_head(self.teacher, batch, hidden=self.wants_hidden(),
-                                              vocab=self.vocab_size))
-
     def loss(self, student: HeadOutput, targets: TeacherTargets, batch: dict[str, torch.Tensor],
              num_items: torch.Tensor | int | None) -> tuple[torch.Tensor, dict[str, float]]:
         labels = batch["labels"]
-        if isinstance(targets, ServedTargets):
-            ids, logprobs = targets.pending.result()
-            targets = TeacherTargets(topk_ids=ids.to(labels.device), topk_logprobs=logprobs.to(labels.device))
+        targets = resolve(targets)      # a server's answer, collected after the student's forward
         kd = kd_divergence(student, targets, labels, self.params, num_items)
         metrics = {"kd": as_mean(kd, num_items, shifted_mask(labels))}
         if self.params.ce_weight == 0:

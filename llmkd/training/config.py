@@ -49,6 +49,8 @@ class ModelSpec:
     lora: dict | None = None           # peft LoraConfig fields -> train a LoRA adapter
     teacher_server: str | None = None  # http://host:port of a vLLM server with the teacher (llmkd serve-teacher)
     teacher_topk: int = 20             # teacher_server: top-k log-probs per position (the sparse loss's k)
+    teachers: dict | None = None       # several teachers: name -> {teacher | teacher_server | teacher_mode, ...}
+    student_from: str | None = None    # with model.teachers: derive the student from this teacher
 
 
 @dataclass
@@ -63,6 +65,7 @@ class DataSpec:
     max_length: int = 512
     response: str = "gold"             # gold: recipe answer template; column name: use that column
     allow_fewer: bool = False          # data smaller than num_train + num_eval: train on what exists
+    mixture: list | None = None        # several sources, each {recipe | path, num_train, ..., teacher: NAME}
 
 
 @dataclass
@@ -71,6 +74,7 @@ class MethodSpec:
 
     name: str = "token_kd"
     params: dict = field(default_factory=dict)
+    teacher_mix: str = "route"         # several teachers: route (rows by source) | mean (weighted average)
 
 
 @dataclass
@@ -168,13 +172,13 @@ def teacher_mode(m: ModelSpec) -> str:
 def _check_model(m: ModelSpec) -> None:
     if m.teacher_mode not in ("live", "offline"):
         raise ValueError(f"config: model.teacher_mode={m.teacher_mode!r}; use 'live' or 'offline'")
-    if m.teacher_mode == "live" and m.teacher is None:
+    if m.teacher_mode == "live" and m.teacher is None and not m.teachers:
         raise ValueError("config: model.teacher is missing; set a model dir, 'embedded', or "
                          "model.teacher_mode=offline with a generated dataset in data.path")
     for name in ("teacher_dtype", "student_dtype"):
         if getattr(m, name) not in DTYPES:
             raise ValueError(f"config: model.{name}={getattr(m, name)!r} is unknown; use one of {DTYPES}")
-    if m.student is None and m.teacher is None:
+    if m.student is None and m.teacher is None and not m.teachers:
         raise ValueError("config: model.student is missing and there is no teacher to derive it from")
     layers = m.student_layers
     if not (layers == "every_other" or (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1)
@@ -227,11 +231,22 @@ def _check_data(d: DataSpec) -> None:
         raise ValueError(f"config: data.recipe={d.recipe!r}: {err}") from None
 
 
+def resume_dir(output_dir: str, resume: Any) -> Path | None:
+    """The checkpoint a run resumes from (None: a new run)."""
+    if resume in (None, False):
+        return None
+    from llmkd.training.checkpoint import find_checkpoint
+
+    return find_checkpoint(Path(output_dir).expanduser())[0] if resume is True else Path(str(resume))
+
+
 def check_config(raw: dict) -> dict[str, Any]:
     """Validate a raw config dict (what YAML gives) without importing a model library, and
     return the keyword arguments of DistillationConfig. Cheap checks first: keys and types,
     values, then the file system (model dirs, data, output_dir, checkpoints)."""
     from llmkd.methods import get_params
+    from llmkd.data.mixture import sources
+    from llmkd.teachers.spec import check_resume_teachers, check_teachers
 
     raw = dict(raw)
     types, choices = training_args_schema()
@@ -248,9 +263,10 @@ def check_config(raw: dict) -> dict[str, Any]:
         raise ValueError(f"config: method must be a mapping, found {method!r}; "
                          f"e.g. method: {{name: {method}}}")
     method = dict(method)
-    kwargs["method"] = MethodSpec(name=method.pop("name", "token_kd"), params=method)
+    kwargs["method"] = MethodSpec(name=method.pop("name", "token_kd"), params=method,
+                                  teacher_mix=method.pop("teacher_mix", "route"))
     params = get_params(kwargs["method"].name).from_dict(method)   # unknown name / bad params
-    params.check_teacher_mode(teacher_mode(kwargs["model"]))
+    check_teachers(kwargs["model"], kwargs["data"], kwargs["method"], params)   # kinds, sets, mixture
     if kwargs["model"].lora is not None:
         check_lora_keys(kwargs["model"].lora)
         config_checks.check_lora_values(kwargs["model"].lora)
@@ -266,17 +282,19 @@ def check_config(raw: dict) -> dict[str, Any]:
     config_checks.check_seeds(top, kwargs["data"].seed)
     config_checks.check_launcher(top)
     _check_model(kwargs["model"])
-    if kwargs["model"].student is None:
+    if kwargs["model"].student is None and kwargs["model"].teacher is not None:
         config_checks.check_student_layers(kwargs["model"].student_layers, kwargs["model"].teacher)
-    if kwargs["model"].teacher_mode == "offline" and not kwargs["data"].path:
+    if kwargs["model"].teacher_mode == "offline" and not kwargs["data"].path and not kwargs["data"].mixture:
         raise ValueError("config: model.teacher_mode=offline needs data.path pointing at an "
                          "`llmkd generate` output directory (it holds the teacher top-k columns)")
-    _check_data(kwargs["data"])
+    for _, source in sources(kwargs["data"]):
+        _check_data(source)
     check_not_an_input(top["output_dir"], input_paths(kwargs["model"], kwargs["data"]))
     from llmkd.eval.monitor import check_monitor
 
     check_monitor(kwargs["monitor"], top, kwargs["model"], kwargs["data"])
     config_checks.check_output(top, resume)
+    check_resume_teachers(resume_dir(top["output_dir"], resume), kwargs["model"])
     if resume not in (None, False):
         top["resume_from_checkpoint"] = resume if resume is True else str(resume)
     top.setdefault("report_to", "none")

@@ -10,10 +10,12 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from llmkd.training.config import DistillationConfig, teacher_mode
+from llmkd.training.config import DataSpec, DistillationConfig
 from llmkd.data.recipes import load_recipe
 from llmkd.methods.base import Method
 from llmkd.models.embedded import resolve_model_name
+from llmkd.teachers import Teacher
+from llmkd.teachers.spec import TeacherSpec
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -29,9 +31,10 @@ def is_generated_dir(path: str | Path) -> bool:
     return is_generation_dir(path)
 
 
-def build_datasets(cfg: DistillationConfig, method: Method) -> tuple[Dataset, Dataset]:
-    """Train/eval splits as the method's features. Generated dirs are split by prompt."""
-    d = cfg.data
+def build_datasets(cfg: DistillationConfig, method: Method, data: DataSpec | None = None) -> tuple[Dataset, Dataset]:
+    """Train/eval splits as the method's features (of `data`, one source of a mixture; default
+    cfg.data). Generated dirs are split by prompt."""
+    d = data or cfg.data
     if d.path and is_generated_dir(d.path):
         from llmkd.generation.writer import load_generated
 
@@ -70,40 +73,44 @@ def split_by_prompt(rows: Dataset, num_train: int, num_eval: int, *, allow_fewer
             rows.select([r for r, i in enumerate(index) if i in eval_p]))
 
 
-def build_models(cfg: DistillationConfig) -> tuple[PreTrainedModel | None, PreTrainedModel]:
-    """(teacher or None when offline, student). The student is derived from the teacher when
-    model.student is unset."""
+def build_models(cfg: DistillationConfig, teachers: dict[str, Teacher]) -> PreTrainedModel:
+    """The student: model.student, or derived from the teacher model.student_from names (with
+    one teacher: that one), loaded only for this when it is not live."""
     import torch
 
     from llmkd.models.student import derive_student, load_causal_lm, wrap_peft
 
     m = cfg.model
-    zero3 = _start_zero3_comm()
-    teacher = None
-    live = teacher_mode(m) == "live"
-    if m.teacher is not None and (live or m.student is None):
-        teacher = load_causal_lm(resolve_model_name(m.teacher), dtype=m.teacher_dtype)
     if m.student is not None:
         student = load_causal_lm(resolve_model_name(m.student), dtype=m.student_dtype)
-    elif zero3:
-        # the teacher was partitioned while loading: gather it, and build the student whole
-        # (deepspeed.initialize partitions it later)
-        import deepspeed
-        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-        with deepspeed.zero.GatheredParameters(list(teacher.parameters())):
-            unset_hf_deepspeed_config()
-            try:
-                student = derive_student(teacher, m.student_layers).to(getattr(torch, m.student_dtype))
-            finally:
-                set_hf_deepspeed_config(cfg.hf_deepspeed_config)
     else:
-        student = derive_student(teacher, m.student_layers).to(getattr(torch, m.student_dtype))
-    if not live:          # offline / served: the teacher was only loaded to derive the student
-        teacher = None
+        source = teachers[m.student_from if m.teachers else "teacher"].model
+        if source is None:      # offline / served: the teacher is loaded only to derive the student
+            source = load_causal_lm(resolve_model_name(m.teacher), dtype=m.teacher_dtype)
+        derive = lambda: derive_student(source, m.student_layers).to(getattr(torch, m.student_dtype))  # noqa: E731
+        if _zero3():
+            # the teacher was partitioned while loading: gather it, and build the student whole
+            # (deepspeed.initialize partitions it later)
+            import deepspeed
+            from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+            with deepspeed.zero.GatheredParameters(list(source.parameters())):
+                unset_hf_deepspeed_config()
+                try:
+                    student = derive()
+                finally:
+                    set_hf_deepspeed_config(cfg.hf_deepspeed_config)
+        else:
+            student = derive()
     if m.lora:
         student = wrap_peft(student, m.lora)
-    return teacher, student
+    return student
+
+
+def _zero3() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def _start_zero3_comm() -> bool:
@@ -111,9 +118,7 @@ def _start_zero3_comm() -> bool:
     which needs DeepSpeed's communicator. accelerate starts it only for GPU runs; with
     use_cpu=True it would first start inside deepspeed.initialize, after the models load.
     Start it now: it wraps the (gloo) process group accelerate already formed."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
+    if not _zero3():
         return False
     import deepspeed
     import torch
@@ -124,32 +129,50 @@ def _start_zero3_comm() -> bool:
 
 
 def build_trainer(cfg: DistillationConfig):
-    """Everything a `llmkd distill` run needs, validated in cheap-to-expensive order."""
+    """Everything a `llmkd distill` run needs, validated in cheap-to-expensive order: tokenizers,
+    one method instance per teacher, each source's rows as its teacher's features, then the
+    weights (teachers, the student last). `model.teacher` is the set of one teacher, named
+    `teacher`; a set of one is the method itself (`TeacherMix.of`)."""
+    from llmkd.data.mixture import concat, sources, tag
+    from llmkd.methods.mix import TeacherMix
+    from llmkd.teachers import TeacherSet
+    from llmkd.teachers.spec import teacher_method, teacher_specs
     from llmkd.training.trainer import DistillationTrainer, build_method
 
     m = cfg.model
-    student_tok = load_tokenizer(resolve_model_name(m.student if m.student is not None else m.teacher))
-    teacher_tok = None
-    if m.teacher is not None and teacher_mode(m) == "live":
-        teacher_tok = load_tokenizer(resolve_model_name(m.teacher))
-    method = build_method(cfg.method.name, cfg.method.params, student_tok, teacher_tok)
-    if m.teacher_server:
-        if not hasattr(method, "teacher_server"):
-            raise ValueError(f"config: model.teacher_server is set but method.name={cfg.method.name!r} "
-                             "needs the teacher's full logits; use token_kd / distillspec, or a live teacher")
-        from llmkd.teacher_server import ServedTeacher
-
-        method.teacher_server = ServedTeacher(m.teacher_server, m.teacher_topk)
-    if cfg.data.path and is_generated_dir(cfg.data.path) and method.uses_generated_token_ids:
-        check_generated_tokenizer(cfg.data.path, student_tok)
-    train, evals = build_datasets(cfg, method)
+    specs = teacher_specs(m)
+    first = m.student_from if m.teachers else "teacher"
+    student_tok = load_tokenizer(resolve_model_name(m.student if m.student is not None else specs[first].teacher))
+    methods = {}
+    for name, spec in specs.items():
+        own = load_tokenizer(resolve_model_name(spec.teacher)) if spec.kind == "live" else None
+        try:
+            methods[name] = build_method(*teacher_method(cfg.method, spec), student_tok, own)
+        except ValueError as err:       # e.g. a tokenizer pair the method cannot distil between
+            if not m.teachers:
+                raise
+            raise ValueError(f"model.teachers.{name}: {err} (for this teacher alone: "
+                             f"model.teachers.{name}.method: {{name: cross_tokenizer}})") from None
+    method = TeacherMix.of(methods, mix=cfg.method.teacher_mix, weights={n: s.weight for n, s in specs.items()})
+    mixed = isinstance(method, TeacherMix)
+    parts = []
+    for teacher, source in sources(cfg.data):
+        name = teacher or next(iter(specs))
+        own = methods[name] if mixed and method.mix == "route" else method    # its teacher's features
+        if source.path and is_generated_dir(source.path) and own.uses_generated_token_ids:
+            check_generated_tokenizer(source.path, student_tok)
+        split = build_datasets(cfg, own, source)
+        parts.append(tuple(tag(ds, name) for ds in split) if mixed else split)
+    train, evals = (parts[0][i] if len(parts) == 1 else concat([p[i] for p in parts]) for i in (0, 1))
     if m.lora:
         check_lora_targets_early(cfg)
     monitor = build_monitor(cfg, student_tok)
-    teacher, student = build_models(cfg)
+    _start_zero3_comm()
+    teachers = {name: _load_teacher(name, spec) for name, spec in specs.items()}
+    student = build_models(cfg, teachers)
+    teacher = TeacherSet(teachers, mix=method.mix, weights=method.weights) if mixed else teachers[next(iter(specs))]
     return DistillationTrainer(model=student, args=cfg, teacher=teacher, method=method,
-                               processing_class=student_tok, teacher_processing_class=teacher_tok,
-                               train_dataset=train, eval_dataset=evals, monitor=monitor)
+                               processing_class=student_tok, train_dataset=train, eval_dataset=evals, monitor=monitor)
 
 
 def build_monitor(cfg: DistillationConfig, student_tok: PreTrainedTokenizerBase):
@@ -223,8 +246,27 @@ def check_lora_targets_early(cfg: DistillationConfig) -> None:
     targets = cfg.model.lora.get("target_modules")
     if targets is None or targets == "all-linear":
         return
-    source = cfg.model.student if cfg.model.student is not None else cfg.model.teacher
+    m = cfg.model
+    source = m.student if m.student is not None else teacher_specs(m)[m.student_from if m.teachers else "teacher"].teacher
     config = AutoConfig.from_pretrained(resolve_model_name(source), trust_remote_code=False)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     check_lora_targets(cfg.model.lora, [name for name, _ in skeleton.named_modules()])
+
+
+def _load_teacher(name: str, spec: TeacherSpec) -> Teacher:
+    """One teacher of the set, as its kind: a loaded model, a server client, or the rows' top-k."""
+    if spec.kind == "served":
+        from llmkd.teacher_server import ServedTeacher
+        from llmkd.teachers.served import Served
+
+        return Served(ServedTeacher(spec.teacher_server, spec.teacher_topk), name=name)
+    if spec.kind == "offline":
+        from llmkd.teachers.offline import Offline
+
+        return Offline(name=name)
+    from llmkd.models.student import load_causal_lm
+    from llmkd.teachers.live import Live
+
+    return Live(load_causal_lm(resolve_model_name(spec.teacher), dtype=spec.teacher_dtype),
+                name=name, offload=spec.offload)

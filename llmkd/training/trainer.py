@@ -26,6 +26,7 @@ from llmkd.methods import get_method
 from llmkd.methods.base import Method, pad_id
 from llmkd.models.head import forward_head, lm_head_of, verify_head
 from llmkd.generation.sampling import HFSampler, Sampler, make_sampler
+from llmkd.teachers import Teacher, as_teacher
 
 METHOD_STATE = "llmkd_method_state.json"
 
@@ -37,7 +38,7 @@ class DistillationTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, model: PreTrainedModel, args: DistillationConfig,
-                 teacher: PreTrainedModel | None = None, method: Method | None = None,
+                 teacher: Teacher | PreTrainedModel | None = None, method: Method | None = None,
                  processing_class: PreTrainedTokenizerBase | None = None,
                  teacher_processing_class: PreTrainedTokenizerBase | None = None,
                  monitor: TrainerCallback | None = None, **kwargs: Any) -> None:
@@ -47,16 +48,20 @@ class DistillationTrainer(Trainer):
         kwargs.setdefault("data_collator", method.collate)
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
         self.method = method
-        self.teacher = teacher
+        # a `llmkd.teachers.Teacher` of any kind; a model = live, None = offline
+        self.teacher_source = as_teacher(teacher)
+        self.teacher = self.teacher_source.model      # the live model (seq-KD samples), else None
         # We want `num_items_in_batch` (loss items of the accumulated batch) in compute_loss.
         self.model_accepts_loss_kwargs = True
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._step_loss = 0.0
         self._last_loss = 0.0        # the finished optimizer step's loss (all ranks agree)
         self._sampler: Sampler | None = None
-        if teacher is not None:
-            self._place_teacher()
-        self.method.attach(self.teacher, model, chunked_head_ok=self._chunked_head_ok(model))
+        for member in self.teacher_source.members():
+            if member.model is not None:
+                member.model = self._place_teacher(member.model, keep_off_device=member.offload is not None)
+        self.teacher = self.teacher_source.model
+        self.method.attach(self.teacher_source, model, chunked_head_ok=self._chunked_head_ok(model))
         self.add_callback(_MethodStepCallback(self))
         # golden metric + teacher-hacking detection (`llmkd.eval.golden.GoldenMonitor`)
         self.monitor = monitor
@@ -64,20 +69,20 @@ class DistillationTrainer(Trainer):
             self.add_callback(monitor)
 
     # -- models -------------------------------------------------------------------------------
-    def _place_teacher(self) -> None:
-        teacher = self.teacher
+    def _place_teacher(self, teacher: PreTrainedModel, keep_off_device: bool = False) -> PreTrainedModel:
         teacher.eval()
         teacher.requires_grad_(False)
         if self.is_deepspeed_enabled and _zero_stage(self.args) == 3:
             from trl.models.utils import prepare_deepspeed
 
-            self.teacher = prepare_deepspeed(teacher, self.accelerator)
-        else:
-            self.teacher = teacher.to(self.args.device)
-            if self.is_deepspeed_enabled and (self.args.bf16 or self.args.fp16):
-                # DeepSpeed runs the student in 16-bit without autocast: a float32 teacher would
-                # keep its forward and the loss's lm_head matmuls in float32
-                self.teacher = self.teacher.to(torch.bfloat16 if self.args.bf16 else torch.float16)
+            return prepare_deepspeed(teacher, self.accelerator)
+        if not keep_off_device:     # offloaded (model.teachers.NAME.offload): visits per forward
+            teacher = teacher.to(self.args.device)
+        if self.is_deepspeed_enabled and (self.args.bf16 or self.args.fp16):
+            # DeepSpeed runs the student in 16-bit without autocast: a float32 teacher would
+            # keep its forward and the loss's lm_head matmuls in float32
+            teacher = teacher.to(torch.bfloat16 if self.args.bf16 else torch.float16)
+        return teacher
 
     def _chunked_head_ok(self, student: PreTrainedModel) -> bool:
         """The chunked loss reads lm_head weights outside the forward: not under ZeRO-3 / FSDP
@@ -85,7 +90,7 @@ class DistillationTrainer(Trainer):
         if _zero_stage(self.args) == 3 or self.is_fsdp_enabled:
             return False
         probe = {"input_ids": torch.tensor([[0, 1, 2, 3]], device=self.args.device)}
-        for model in (student, self.teacher):
+        for model in (student, *(t.model for t in self.teacher_source.members() if t.offload is None)):
             if model is None:
                 continue
             head = lm_head_of(model)
@@ -256,8 +261,12 @@ class DistillationTrainer(Trainer):
         """Atomic: written to a staging dir (method state included), renamed when complete."""
         from llmkd.training.checkpoint import save_checkpoint
 
-        save_checkpoint(self, model, trial, super()._save_checkpoint,
-                        extra_files={METHOD_STATE: json.dumps(self.method.state_dict())})
+        from llmkd.teachers.spec import MANIFEST, teacher_manifest
+
+        extra = {METHOD_STATE: json.dumps(self.method.state_dict())}
+        if hasattr(self.args, "model"):      # the teacher set, checked when a run resumes
+            extra[MANIFEST] = json.dumps(teacher_manifest(self.args.model), indent=1)
+        save_checkpoint(self, model, trial, super()._save_checkpoint, extra_files=extra)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Model dirs hold no pickle: the Trainer's training_args.bin becomes readable JSON."""
