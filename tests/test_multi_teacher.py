@@ -131,7 +131,7 @@ def test_grad_accumulation_with_mixed_teachers_matches_one_batch(tiny_pair, seco
 def test_resume_checks_the_teacher_manifest_and_continues_exactly(tiny_pair, second_teacher, tmp_path):
     from safetensors.torch import load_file
 
-    from llmkd.teachers.spec import MANIFEST
+    from llmkd.training.teachers import MANIFEST
 
     save = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=1000)
     full = build_trainer(multi_cfg(tiny_pair, second_teacher, tmp_path / "full", **save))

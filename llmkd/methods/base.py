@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from llmkd.generation.sampling import SamplingSpec
-from llmkd.models.output import HeadOutput
+from llmkd.models.output import HeadOutput, TeacherTargets
 from llmkd.validation import check_keys, coerce
 
 if TYPE_CHECKING:   # the protocol imports no model library: configs validate without them
@@ -38,15 +38,6 @@ class MethodParams:
         (`llmkd.teachers.check_teacher_kind`). By default a method needs a live teacher."""
         return {kind: f"config: this method needs a live teacher (model.teacher and "
                       f"model.teacher_mode=live), not a {kind} one" for kind in ("offline", "served")}
-
-
-@dataclass
-class TeacherTargets:
-    """What the teacher contributes to a batch: live output, or offline top-k log-probs."""
-
-    output: HeadOutput | None = None
-    topk_ids: torch.Tensor | None = None        # (B, S, k) aligned with labels
-    topk_logprobs: torch.Tensor | None = None
 
 
 class Method:

@@ -1,4 +1,4 @@
-"""What a model's head returns for distillation. Torch-free at import, like the method protocol
+"""What a model's head returns for distillation, and what a teacher contributes to a batch. Torch-free at import, like the method protocol
 that passes it around (configs validate before any model library loads)."""
 from __future__ import annotations
 
@@ -19,3 +19,12 @@ class HeadOutput:
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     head: LMHead | None = None
+
+
+@dataclass
+class TeacherTargets:
+    """What the teacher contributes to a batch: live output, or offline top-k log-probs."""
+
+    output: HeadOutput | None = None
+    topk_ids: torch.Tensor | None = None        # (B, S, k) aligned with labels
+    topk_logprobs: torch.Tensor | None = None

@@ -246,7 +246,7 @@ def check_config(raw: dict) -> dict[str, Any]:
     values, then the file system (model dirs, data, output_dir, checkpoints)."""
     from llmkd.methods import get_params
     from llmkd.data.mixture import sources
-    from llmkd.teachers.spec import check_resume_teachers, check_teachers
+    from llmkd.training.teachers import check_resume_teachers, check_teachers
 
     raw = dict(raw)
     types, choices = training_args_schema()

@@ -15,7 +15,7 @@ from llmkd.data.recipes import load_recipe
 from llmkd.methods.base import Method
 from llmkd.models.embedded import resolve_model_name
 from llmkd.teachers import Teacher
-from llmkd.teachers.spec import TeacherSpec
+from llmkd.training.teachers import TeacherSpec
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -136,7 +136,7 @@ def build_trainer(cfg: DistillationConfig):
     from llmkd.data.mixture import concat, sources, tag
     from llmkd.methods.mix import TeacherMix
     from llmkd.teachers import TeacherSet
-    from llmkd.teachers.spec import teacher_method, teacher_specs
+    from llmkd.training.teachers import teacher_method, teacher_specs
     from llmkd.training.trainer import DistillationTrainer, build_method
 
     m = cfg.model

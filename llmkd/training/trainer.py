@@ -261,7 +261,7 @@ class DistillationTrainer(Trainer):
         """Atomic: written to a staging dir (method state included), renamed when complete."""
         from llmkd.training.checkpoint import save_checkpoint
 
-        from llmkd.teachers.spec import MANIFEST, teacher_manifest
+        from llmkd.training.teachers import MANIFEST, teacher_manifest
 
         extra = {METHOD_STATE: json.dumps(self.method.state_dict())}
         if hasattr(self.args, "model"):      # the teacher set, checked when a run resumes
