@@ -85,7 +85,7 @@ def prepare_student(teacher_dir: str, recipe: Any, out: Path, args: argparse.Nam
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkd.methods.cross_tokenizer import train_tokenizer, transfer_student
+    from llmkd.models.transfer import train_tokenizer, transfer_student
 
     t_tok = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
@@ -128,7 +128,7 @@ def run_row(name: str, method: dict, student_dir: Path, teacher_dir: str, args: 
     """Train one row (steps > 0) or evaluate the untrained transfer (steps 0). The chunk gap is
     measured on `held_out` (the plain ALM chunks of the first row) so every row is scored on
     the same chunks, whatever chunks its loss trains on."""
-    from llmkd.methods.cross_tokenizer import chunk_gap
+    from llmkd.eval.chunk_gap import chunk_gap
     from llmkd.training.pipeline import build_trainer
 
     steps = args.steps if method.get("loss") is not None else 1

@@ -12,8 +12,9 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmkd.training.config import config_from_dict
-from llmkd.methods.cross_tokenizer import (CrossTokenizer, CrossTokenizerParams, chunk_gap,
-                                           teacher_pieces, train_tokenizer, transfer_student)
+from llmkd.eval.chunk_gap import chunk_gap
+from llmkd.methods.cross_tokenizer import CrossTokenizer, CrossTokenizerParams
+from llmkd.models.transfer import teacher_pieces, train_tokenizer, transfer_student
 from llmkd.models.head import forward_head
 from llmkd.models.tiny import _corpus
 from llmkd.training.pipeline import build_trainer
