@@ -200,7 +200,7 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; choose from {list(ROWS)}")
-    methods.METHODS["sft"] = f"{__name__}:SFT"        # the benchmark's own baseline method
+    methods.register("sft", f"{__name__}:SFT")        # the benchmark's own baseline method
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
