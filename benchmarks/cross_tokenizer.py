@@ -85,7 +85,7 @@ def prepare_student(teacher_dir: str, recipe: Any, out: Path, args: argparse.Nam
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkd.methods.cross_tokenizer import train_tokenizer, transfer_student
+    from llmkd.models.transfer import train_tokenizer, transfer_student
 
     t_tok = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
@@ -103,7 +103,7 @@ def prepare_student(teacher_dir: str, recipe: Any, out: Path, args: argparse.Nam
 
 
 def config(args: argparse.Namespace, out: Path, model: dict, method: dict, steps: int) -> Any:
-    from llmkd.config import config_from_dict
+    from llmkd.training.config import config_from_dict
 
     return config_from_dict({
         "output_dir": str(out), "overwrite_output_dir": True, "max_steps": steps,
@@ -128,8 +128,8 @@ def run_row(name: str, method: dict, student_dir: Path, teacher_dir: str, args: 
     """Train one row (steps > 0) or evaluate the untrained transfer (steps 0). The chunk gap is
     measured on `held_out` (the plain ALM chunks of the first row) so every row is scored on
     the same chunks, whatever chunks its loss trains on."""
-    from llmkd.methods.cross_tokenizer import chunk_gap
-    from llmkd.pipeline import build_trainer
+    from llmkd.eval.chunk_gap import chunk_gap
+    from llmkd.training.pipeline import build_trainer
 
     steps = args.steps if method.get("loss") is not None else 1
     trainer = build_trainer(config(args, work / name, {"teacher": teacher_dir, "student": str(student_dir)},
@@ -158,7 +158,7 @@ def alignment_throughput(student_dir: Path, teacher_dir: str, recipe: Any, n: in
     """Examples/s aligning chat-formatted texts: ours (batched) and TRL GOLD's byte offsets."""
     from transformers import AutoTokenizer
 
-    from llmkd.alignment import ChunkAligner
+    from llmkd.data.alignment import ChunkAligner
 
     s_tok, t_tok = AutoTokenizer.from_pretrained(str(student_dir)), AutoTokenizer.from_pretrained(teacher_dir)
     texts = tokenizer_texts(t_tok, recipe, n)
@@ -186,7 +186,7 @@ def step_time_ratio(student_dir: Path, teacher_dir: str, args: argparse.Namespac
     student derived from the teacher; same data, batch and chunk size."""
     from transformers import AutoConfig
 
-    from llmkd.pipeline import build_trainer
+    from llmkd.training.pipeline import build_trainer
 
     depth = AutoConfig.from_pretrained(str(student_dir)).num_hidden_layers
     total = AutoConfig.from_pretrained(teacher_dir).num_hidden_layers

@@ -118,7 +118,7 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
 def config(args: argparse.Namespace, teacher: str, data: str, out: Path, method: dict[str, Any],
            start: Path | None = None) -> Any:
     """The row's run; `start`: a trained student to continue from (else the teacher's layers)."""
-    from llmkd.config import config_from_dict
+    from llmkd.training.config import config_from_dict
 
     student = {"student": str(start)} if start else {"student_layers": args.student_layers}
     return config_from_dict({
@@ -200,7 +200,7 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; choose from {list(ROWS)}")
-    methods.METHODS["sft"] = f"{__name__}:SFT"        # the benchmark's own baseline method
+    methods.register("sft", f"{__name__}:SFT")        # the benchmark's own baseline method
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -223,7 +223,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from llmkd.pipeline import build_trainer
+    from llmkd.training.pipeline import build_trainer
 
     target = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     results: list[dict[str, Any]] = []

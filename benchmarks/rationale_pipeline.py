@@ -56,8 +56,8 @@ def generate(out: Path, num_prompts: int, offset: int, samples: int, temperature
 
 def train_student(out: Path, data: Path, *, alpha: float, args: argparse.Namespace) -> dict[str, Any]:
     """One student, derived from the teacher, trained with method rationale at `alpha`."""
-    from llmkd.config import config_from_dict
-    from llmkd.pipeline import build_trainer
+    from llmkd.training.config import config_from_dict
+    from llmkd.training.pipeline import build_trainer
 
     cfg = config_from_dict({
         "output_dir": str(out), "max_steps": args.steps, "per_device_train_batch_size": args.batch_size,

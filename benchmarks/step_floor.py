@@ -1,7 +1,7 @@
 """llmkd's off-policy KD step against a hand-written floor on the same batches, and where the time goes.
 
 Variants (each in its own subprocess):
-  llmkd          `llmkd.trainer.DistillationTrainer`, token_kd with the quickstart's method (fkl,
+  llmkd          `llmkd.training.trainer.DistillationTrainer`, token_kd with the quickstart's method (fkl,
                  chunked loss), batches in dataset order
   floor          the same batches in a plain loop: teacher forward (no grad) and student forward to
                  the final hidden states, the lm_head applied on response positions only (both
@@ -145,8 +145,8 @@ def build_llmkd(model_dir: str, rows: list[dict], regime: Regime, steps: int, ki
                 out_dir: str) -> Any:
     from datasets import Dataset
 
-    from llmkd.config import config_from_dict
-    from llmkd.trainer import DistillationTrainer
+    from llmkd.training.config import config_from_dict
+    from llmkd.training.trainer import DistillationTrainer
 
     teacher, student, tok = load_pair(model_dir)
     cfg = config_from_dict({
@@ -192,7 +192,7 @@ def run_child(args: argparse.Namespace) -> dict:
 
             losses = floor_loop(teacher, student, batches, args.kind, 1e-5, on_step)
         else:
-            import llmkd.trainer as trainer_module
+            import llmkd.training.trainer as trainer_module
 
             trainer = build_llmkd(data["model_dir"], rows, regime, steps, args.kind, out_dir)
             losses = []

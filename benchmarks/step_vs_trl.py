@@ -169,7 +169,7 @@ def load_pair(model_dir: str) -> tuple[Any, Any, Any]:
     """(teacher, student, tokenizer), fp32, as `llmkd distill` builds them: the student is
     ``model_dir/student`` where that exists (another shape), else every other teacher layer."""
     from llmkd.models.student import derive_student, load_causal_lm
-    from llmkd.pipeline import load_tokenizer
+    from llmkd.training.pipeline import load_tokenizer
 
     teacher = load_causal_lm(model_dir)
     own = Path(model_dir) / "student"
@@ -222,8 +222,8 @@ def build_trainer(variant: str, model_dir: str, rows: list[dict], regime: Regime
     teacher, student, tok = load_pair(model_dir)
     base = common_args(regime, steps, device)
     if variant.startswith("llmkd"):
-        from llmkd.config import config_from_dict
-        from llmkd.trainer import DistillationTrainer
+        from llmkd.training.config import config_from_dict
+        from llmkd.training.trainer import DistillationTrainer
 
         on = variant in ("llmkd_on", "llmkd_on_vllm")
         cfg = config_from_dict({

@@ -78,8 +78,8 @@ def write_recipe(model_dir: str, where: Path, *, n: int, offset: int, max_new_to
 def distill(out: Path, teacher: str, recipe: Path, *, n_train: int, n_eval: int, steps: int, layers: int,
             method: dict[str, Any], args: argparse.Namespace, student: str | None = None,
             monitor: dict[str, Any] | None = None) -> Any:
-    from llmkd.config import config_from_dict
-    from llmkd.pipeline import build_trainer
+    from llmkd.training.config import config_from_dict
+    from llmkd.training.pipeline import build_trainer
 
     raw = {"output_dir": str(out), "overwrite_output_dir": True, "max_steps": steps, "seed": args.seed,
            "learning_rate": args.lr, "lr_scheduler_type": "constant", "per_device_train_batch_size": args.batch,

@@ -10,11 +10,11 @@ __all__ = ["DistillationConfig", "DistillationTrainer", "load_config"]
 def __getattr__(name: str) -> Any:
     # Lazy: `import llmkd` stays cheap (the CLI imports torch/transformers only when needed).
     if name in ("DistillationConfig", "load_config"):
-        from llmkd import config
+        from llmkd.training import config
 
         return getattr(config, name)
     if name == "DistillationTrainer":
-        from llmkd.trainer import DistillationTrainer
+        from llmkd.training.trainer import DistillationTrainer
 
         return DistillationTrainer
     raise AttributeError(name)

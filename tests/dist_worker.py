@@ -29,9 +29,9 @@ def main() -> int:
 
     import torch
 
-    from llmkd.config import load_config
-    from llmkd.pipeline import build_trainer
-    from llmkd.trainer import _zero_stage
+    from llmkd.training.config import load_config
+    from llmkd.training.pipeline import build_trainer
+    from llmkd.training.trainer import _zero_stage
 
     cfg = load_config(args.config, args.overrides)
     trainer = build_trainer(cfg)

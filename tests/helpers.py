@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from llmkd.config import config_from_dict
+from llmkd.training.config import config_from_dict
 
 
 def tiny_config(pair: tuple[str, str], out: Path, *, method: dict[str, Any], **over: Any):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from llmkd.alignment import (ChunkAligner, align_chat, align_chunks, chunk_index,
+from llmkd.data.alignment import (ChunkAligner, align_chat, align_chunks, chunk_index,
                              chunks_from_offsets, encode_with_offsets)
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -275,7 +275,7 @@ def test_chunks_equal_trl_gold_groups_on_ascii(gold_pair, text: str) -> None:
 def test_chat_content_equal_to_template_text_is_found_in_place(pair) -> None:
     """A content that also occurs in the template's own text ("user") is located where the
     template put it, not at its first occurrence."""
-    from llmkd.alignment import render_chat
+    from llmkd.data.alignment import render_chat
 
     a, b = pair
     msgs = [{"role": "user", "content": "user"}, {"role": "assistant", "content": "  [USER]: end|>  "}]

@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
-from llmkd.checkpoint import STAGING, checkpoint_problem, find_checkpoint
-from llmkd.config import config_from_dict
-from llmkd.outdir import MARKER
-from llmkd.pipeline import build_trainer
+from llmkd.training.checkpoint import STAGING, checkpoint_problem, find_checkpoint
+from llmkd.training.config import config_from_dict
+from llmkd.training.outdir import MARKER
+from llmkd.training.pipeline import build_trainer
 
 MAX_STEPS = 8
 
@@ -228,7 +228,7 @@ def test_signal_finishes_the_step_saves_and_resumes_exactly(sig, tiny_pair, tmp_
 
 
 def test_a_second_signal_stops_at_once():
-    from llmkd.interrupt import StopOnSignal, TrainingInterrupted
+    from llmkd.training.interrupt import StopOnSignal, TrainingInterrupted
 
     before = signal.getsignal(signal.SIGINT)
     stop = StopOnSignal()

@@ -164,7 +164,7 @@ HELD: list[int] = []      # lock descriptors this process holds during a case
 def another_run_holds_the_lock(tmp: Path, cfg: dict) -> None:
     import fcntl
 
-    from llmkd.outdir import LOCK
+    from llmkd.training.outdir import LOCK
 
     out = Path(cfg["output_dir"])
     out.mkdir()
@@ -527,7 +527,7 @@ def test_disk_full_while_generating_is_one_line_naming_the_dir(tiny_pair, tmp_pa
 
 
 def test_the_shipped_quickstart_config_passes_the_early_checks(tmp_path):
-    from llmkd.quickstart import check_stages, load_quickstart_config
+    from llmkd.cli.quickstart import check_stages, load_quickstart_config
 
     gen = check_stages(load_quickstart_config(None, []), tmp_path / "qs")
     assert gen.model == "embedded" and gen.output_dir == str(tmp_path / "qs" / "generate")

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmkd.config import (check_config, config_from_dict, config_help, load_config, read_yaml_mapping,
-                          training_args_schema)
-from llmkd.outdir import MARKER
+from llmkd.training.config import check_config, config_from_dict, config_help, load_config
+from llmkd.training.schema import training_args_schema
+from llmkd.yaml_reader import read_yaml_mapping
+from llmkd.training.outdir import MARKER
 from llmkd.validation import type_ok
 
 
@@ -79,7 +80,7 @@ def test_validation_imports_no_model_library(tiny_pair, tmp_path):
     import sys
 
     raw = base(tiny_pair, tmp_path / "out")
-    code = ("import json, sys; from llmkd.config import check_config; "
+    code = ("import json, sys; from llmkd.training.config import check_config; "
             f"check_config(json.loads({json.dumps(json.dumps(raw))})); "
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -11,12 +11,13 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmkd.config import config_from_dict
-from llmkd.methods.cross_tokenizer import (CrossTokenizer, CrossTokenizerParams, chunk_gap,
-                                           teacher_pieces, train_tokenizer, transfer_student)
+from llmkd.training.config import config_from_dict
+from llmkd.eval.chunk_gap import chunk_gap
+from llmkd.methods.cross_tokenizer import CrossTokenizer, CrossTokenizerParams
+from llmkd.models.transfer import teacher_pieces, train_tokenizer, transfer_student
 from llmkd.models.head import forward_head
 from llmkd.models.tiny import _corpus
-from llmkd.pipeline import build_trainer
+from llmkd.training.pipeline import build_trainer
 
 ROWS = {"prompt": ["What is 12 + 30?", "Ann has 3 pens. How many now?", "Say hi 😀 naïvely"],
         "response": ["The answer is 42.", "So the answer is 9 pens.", "hi  😀 café 12345"]}
@@ -141,7 +142,7 @@ def naive_uld(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
 def test_alm_unbiased_equals_naive_loops(xtok, chunk_size: int) -> None:
     """Debiased ALM: chunks joined up to word ends; each chunk's l plus log P(next token starts
     a word) on each side (not for the eos chunk). Float64 loops, values and gradients."""
-    from llmkd.alignment import boundary_token_ids
+    from llmkd.data.alignment import boundary_token_ids
 
     method, teacher, student = make_method(xtok, loss="alm_unbiased", chunk_size=chunk_size)
     assert method.params.tau == 100.0

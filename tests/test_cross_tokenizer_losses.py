@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llmkd.alignment import align_chunks, chunk_index
+from llmkd.data.alignment import align_chunks, chunk_index
 from llmkd.losses import alm_loss, boundary_logp, uld_loss
 from llmkd.losses.alm import chunk_sums
 

@@ -11,7 +11,7 @@ import torch
 
 from llmkd.eval.closeness import teacher_closeness
 from llmkd.losses import TAIDSchedule
-from llmkd.pipeline import build_trainer
+from llmkd.training.pipeline import build_trainer
 
 from helpers import StopAt, tiny_config
 
@@ -167,8 +167,8 @@ def test_taid_with_lora_and_bad_inputs(tiny_pair, tmp_path):
 # -- two processes ------------------------------------------------------------------------------
 WORKER = '''
 import json, os, sys
-from llmkd.config import config_from_dict
-from llmkd.pipeline import build_trainer
+from llmkd.training.config import config_from_dict
+from llmkd.training.pipeline import build_trainer
 raw = json.loads(sys.argv[1])
 trainer = build_trainer(config_from_dict(raw))
 trainer.train()

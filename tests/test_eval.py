@@ -119,7 +119,7 @@ def test_report_bad_inputs(tmp_path: Path) -> None:
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> object:
     """Run `llmkd ...` in-process with only the eval/report commands registered."""
-    monkeypatch.setattr(llmkd.cli, "COMMAND_MODULES", ("llmkd.eval.cli",))
+    monkeypatch.setattr(llmkd.cli, "COMMAND_MODULES", ("llmkd.cli.eval",))
 
     def run(*argv: str) -> tuple[int, str]:
         rc = llmkd.cli.main([str(a) for a in argv])

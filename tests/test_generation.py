@@ -228,7 +228,7 @@ def test_two_workers_write_the_same_rows_as_one(tmp_path, teacher):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
     def cmd(out, *extra):
-        return [sys.executable, "-m", "llmkd.generation.cli", *map(str, base),
+        return [sys.executable, "-m", "llmkd.cli.generate", *map(str, base),
                 "--set", f"output_dir={out}", *extra]
 
     procs = [subprocess.Popen(cmd(tmp_path / "two", "--set", "workers=2", "--set", f"worker={w}"),
@@ -367,7 +367,7 @@ def test_sigkill_then_resume_gives_each_row_exactly_once(tmp_path, teacher):
             "--set", "temperature=1.0", "--set", "max_new_tokens=24", "--set", "topk=2",
             "--set", f"max_model_len={MAX_LEN}", "--set", "shard_size=4", "--set", "batch_size=2",
             "--set", f"output_dir={out}", "--no-progress"]
-    cmd = [sys.executable, "-m", "llmkd.generation.cli", str(REPO / "configs/generate/quickstart.yaml"), *args]
+    cmd = [sys.executable, "-m", "llmkd.cli.generate", str(REPO / "configs/generate/quickstart.yaml"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 90

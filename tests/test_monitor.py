@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmkd.eval.monitor import Evaluation, detect_hacking, evaluations
-from llmkd.pipeline import build_trainer
+from llmkd.training.pipeline import build_trainer
 
 from helpers import StopAt, tiny_config
 
@@ -69,7 +69,7 @@ def _raw(pair, out, **monitor):
 
 
 def test_golden_metric_without_an_eval_set_fails_at_config_time(tiny_pair, tmp_path) -> None:
-    from llmkd.config import check_config
+    from llmkd.training.config import check_config
 
     raw = _raw(tiny_pair, tmp_path / "o", golden="gold_nll")
     raw.pop("eval_strategy")
@@ -78,7 +78,7 @@ def test_golden_metric_without_an_eval_set_fails_at_config_time(tiny_pair, tmp_p
 
 
 def test_oracle_with_another_tokenizer_fails_at_config_time(tiny_pair, tmp_path) -> None:
-    from llmkd.config import check_config
+    from llmkd.training.config import check_config
     from llmkd.models.tiny import tiny_model, tiny_tokenizer
 
     other = tmp_path / "oracle"
@@ -93,7 +93,7 @@ def test_oracle_with_another_tokenizer_fails_at_config_time(tiny_pair, tmp_path)
 
 
 def test_accuracy_on_a_recipe_without_gold_answers_fails_at_config_time(tiny_pair, tmp_path) -> None:
-    from llmkd.config import check_config
+    from llmkd.training.config import check_config
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"question": f"q{i}", "answer": None}) + "\n" for i in range(30)))
@@ -106,7 +106,7 @@ def test_accuracy_on_a_recipe_without_gold_answers_fails_at_config_time(tiny_pai
 
 
 def test_bad_monitor_values_name_the_field(tiny_pair, tmp_path) -> None:
-    from llmkd.config import check_config
+    from llmkd.training.config import check_config
 
     for monitor, match in (({"golden": "gold_nl"}, "monitor.golden='gold_nl'"),
                            ({"golden": "gold_nll", "on_hacking": "halt"}, "monitor.on_hacking"),
@@ -164,7 +164,7 @@ def test_golden_nll_and_oracle_kl_equal_a_hand_computation(tiny_pair, tmp_path, 
 
 def test_golden_accuracy_equals_a_hand_computation(tiny_pair, tmp_path) -> None:
     from llmkd.data.collate import chat_prompt_ids
-    from llmkd.eval.answers import extract_answer, is_correct, wilson_interval
+    from llmkd.data.answers import extract_answer, is_correct, wilson_interval
 
     trainer = build_trainer(_cfg(tiny_pair, tmp_path / "run", "accuracy"))
     trainer.train()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkd.config import config_from_dict
-from llmkd.pipeline import build_trainer
+from llmkd.training.config import config_from_dict
+from llmkd.training.pipeline import build_trainer
 
 from helpers import StopAt
 from test_cross_tokenizer import xtok  # noqa: F401  (the fixture: a student on a new tokenizer)
@@ -47,8 +47,8 @@ def multi_cfg(tiny_pair, second, out: Path, *, mix: str = "route", weights=(1.0,
 def _single(tiny_pair, teacher_dir: str, student):
     """A plain one-teacher token_kd method (no mixture code) on a given teacher."""
     from llmkd.models.student import load_causal_lm
-    from llmkd.pipeline import load_tokenizer
-    from llmkd.trainer import build_method
+    from llmkd.training.pipeline import load_tokenizer
+    from llmkd.training.trainer import build_method
 
     method = build_method("token_kd", {"kind": "fkl"}, load_tokenizer(tiny_pair[1]))
     method.attach(load_causal_lm(teacher_dir), student, chunked_head_ok=True)
@@ -131,7 +131,7 @@ def test_grad_accumulation_with_mixed_teachers_matches_one_batch(tiny_pair, seco
 def test_resume_checks_the_teacher_manifest_and_continues_exactly(tiny_pair, second_teacher, tmp_path):
     from safetensors.torch import load_file
 
-    from llmkd.teachers.spec import MANIFEST
+    from llmkd.training.teachers import MANIFEST
 
     save = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=1000)
     full = build_trainer(multi_cfg(tiny_pair, second_teacher, tmp_path / "full", **save))

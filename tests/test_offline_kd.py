@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmkd.config import config_from_dict
+from llmkd.training.config import config_from_dict
 from llmkd.generation.run import GenerationConfig, run_generation
-from llmkd.pipeline import build_trainer
+from llmkd.training.pipeline import build_trainer
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_offline_training_reduces_kl(tiny_pair, tmp_path_factory, tmp_path):
 def test_generated_rows_split_by_prompt_without_leaks():
     from datasets import Dataset
 
-    from llmkd.pipeline import split_by_prompt
+    from llmkd.training.pipeline import split_by_prompt
 
     ids = [f"rec-{i}-h{i}" for i in (0, 0, 1, 2, 2, 3, 5, 5, 6)]   # prompt 4 was dropped, n=2 samples
     rows = Dataset.from_dict({"id": ids, "sample": list(range(len(ids)))})

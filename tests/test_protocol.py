@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from llmkd import methods
 from llmkd.methods.base import HeadOutput, Method, MethodParams
 from llmkd.models.head import run_head
-from llmkd.pipeline import build_trainer, load_tokenizer
-from llmkd.sampling import HFSampler, SamplingSpec
+from llmkd.training.pipeline import build_trainer, load_tokenizer
+from llmkd.generation.sampling import HFSampler, SamplingSpec
 
 from helpers import tiny_config
 
@@ -201,7 +201,7 @@ def test_offline_shards_from_another_tokenizer_are_refused(tiny_pair, tmp_path):
     import json
 
     from llmkd.data.collate import tokenizer_fingerprint
-    from llmkd.pipeline import check_generated_tokenizer
+    from llmkd.training.pipeline import check_generated_tokenizer
 
     tok = load_tokenizer(tiny_pair[1])
     gen = tmp_path / "gen"

@@ -11,14 +11,14 @@ import torch
 import yaml
 from datasets import Dataset
 
-from llmkd.config import config_from_dict
+from llmkd.training.config import config_from_dict
 from llmkd.data.collate import DistillCollator, tokenize_rows
 from llmkd.losses import divergence
 from llmkd.methods.base import TeacherTargets
 from llmkd.methods.rationale import LABEL, RATIONALE, Rationale, RationaleParams
 from llmkd.methods.token_kd import shifted_mask
 from llmkd.models.head import forward_head
-from llmkd.pipeline import build_trainer, load_tokenizer
+from llmkd.training.pipeline import build_trainer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

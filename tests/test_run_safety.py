@@ -18,10 +18,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from llmkd.checkpoint import STAGING, RunFailed, checkpoint_problem, find_checkpoint
+from llmkd.training.checkpoint import STAGING, RunFailed, checkpoint_problem, find_checkpoint
 from llmkd.cli import main
-from llmkd.config import config_from_dict
-from llmkd.pipeline import build_trainer
+from llmkd.training.config import config_from_dict
+from llmkd.training.pipeline import build_trainer
 
 
 def run_config(tiny_pair, out: Path, **over) -> dict:
@@ -107,7 +107,7 @@ def test_weights_overflowing_in_an_update_are_never_saved(tiny_pair, tmp_path):
 # -- SIGTERM while the models load -------------------------------------------------------------------
 STARTUP_RUNNER = r"""
 import sys, time
-import llmkd.pipeline as pipeline
+import llmkd.training.pipeline as pipeline
 load = pipeline._load_teacher          # the first weights that load
 def slow(*args, **kwargs):
     open(sys.argv[1], "w").close()
@@ -191,7 +191,7 @@ def test_resume_with_a_changed_config_needs_allow_config_change(tiny_pair, two_c
 def test_overwrite_accepts_an_earlier_runs_output_from_python_too(tiny_pair, two_checkpoints, tmp_path):
     """A run started from Python (as the quickstart does) marks its output_dir as well, so a rerun
     with overwrite_output_dir works; the same directory plus a foreign file still does not."""
-    from llmkd.outdir import MARKER
+    from llmkd.training.outdir import MARKER
 
     assert (two_checkpoints / MARKER).is_file()
     out = _copy(two_checkpoints, tmp_path / "run")

@@ -141,7 +141,7 @@ def test_a_signal_ends_a_run_waiting_on_a_frozen_teacher(frozen, tiny_pair, tmp_
 def test_serve_teacher_fits_the_models_positions(tiny_pair, tmp_path, capsys, max_length, expect):
     """The request scores max_length tokens and generates one, but never more than the model has
     positions (the tiny teacher has 512: vLLM refuses to start with 513)."""
-    from llmkd.serve_cli import main
+    from llmkd.cli.serve import main
 
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"model": {"teacher": tiny_pair[0]},
                                                        "data": {"max_length": max_length}}))

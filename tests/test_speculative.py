@@ -112,7 +112,7 @@ def test_bad_inputs(models: dict, tiny_pair: tuple[str, str]) -> None:
 # -- CLI ---------------------------------------------------------------------------------------
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> object:
-    monkeypatch.setattr(llmkd.cli, "COMMAND_MODULES", ("llmkd.eval.cli",))
+    monkeypatch.setattr(llmkd.cli, "COMMAND_MODULES", ("llmkd.cli.eval",))
 
     def call(*argv: object) -> tuple[int, str]:
         rc = llmkd.cli.main([str(a) for a in argv])

@@ -51,7 +51,7 @@ def server(tmp_path_factory, teacher_dir):
                                   "data": {"recipe": "arithmetic", "max_length": 256}}))
     log = open(tmp / "server.log", "w")
     env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "llmkd.serve_cli", str(config)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "llmkd.cli.serve", str(config)], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT
     try:
@@ -156,7 +156,7 @@ def _tiny_student(teacher_dir: Path, out: Path) -> Path:
 
 
 def _config(url: str, student_dir: Path, out: Path, method_cfg: dict, **over):
-    from llmkd.config import config_from_dict
+    from llmkd.training.config import config_from_dict
 
     return config_from_dict({
         "output_dir": str(out), "max_steps": 12, "learning_rate": 1e-2, "per_device_train_batch_size": 4,
@@ -171,8 +171,8 @@ def _config(url: str, student_dir: Path, out: Path, method_cfg: dict, **over):
 def _trainer(url: str, student_dir: Path, out: Path, *, retries: int = 5, **over):
     """A trainer built by hand, to give the client short retries (no teacher model)."""
     from llmkd.models.student import load_causal_lm
-    from llmkd.pipeline import build_datasets, load_tokenizer
-    from llmkd.trainer import DistillationTrainer, build_method
+    from llmkd.training.pipeline import build_datasets, load_tokenizer
+    from llmkd.training.trainer import DistillationTrainer, build_method
 
     method_cfg = {"name": "token_kd", "kind": "fkl", **over.pop("method", {})}
     cfg = _config(url, student_dir, out, method_cfg, **over)
@@ -190,7 +190,7 @@ def _trainer(url: str, student_dir: Path, out: Path, *, retries: int = 5, **over
 def test_training_with_the_served_teacher_lowers_the_kd_loss(server, teacher_dir, tmp_path):
     url, _ = server
     student = _tiny_student(teacher_dir, tmp_path / "student")
-    from llmkd.pipeline import build_trainer
+    from llmkd.training.pipeline import build_trainer
 
     # the user's path (config -> build_trainer: no teacher model loaded); half the batches are the
     # student's own samples, scored by the server (on-policy)
@@ -209,9 +209,9 @@ def test_a_served_and_a_live_teacher_in_one_run(server, teacher_dir, tmp_path):
     """model.teachers: one served (this module's server), one live (a tiny model on the same
     tokenizer). A mixed batch's loss = each method's loss on its own rows; an on-policy run scores
     each sample by its source's teacher."""
-    from llmkd.config import config_from_dict
+    from llmkd.training.config import config_from_dict
     from llmkd.models.head import forward_head
-    from llmkd.pipeline import build_trainer
+    from llmkd.training.pipeline import build_trainer
 
     url, _ = server
     student = _tiny_student(teacher_dir, tmp_path / "student")
@@ -273,7 +273,7 @@ def test_the_readmes_served_config_runs_through_the_cli(server, teacher_dir, tmp
 def test_server_killed_mid_run_retries_then_fails_clearly_keeping_the_checkpoint(server, teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM, TrainerCallback
 
-    from llmkd.checkpoint import find_checkpoint
+    from llmkd.training.checkpoint import find_checkpoint
 
     url, proc = server
     student = _tiny_student(teacher_dir, tmp_path / "student")

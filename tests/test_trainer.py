@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmkd.eval.closeness import teacher_closeness
-from llmkd.pipeline import build_trainer
+from llmkd.training.pipeline import build_trainer
 
 from helpers import StopAt, tiny_config
 

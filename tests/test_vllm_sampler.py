@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from llmkd.sampling import SamplingSpec, cut_at_eos, make_sampler  # noqa: E402
+from llmkd.generation.sampling import SamplingSpec, cut_at_eos, make_sampler  # noqa: E402
 
 PROMPTS = [[1, 4, 100, 200, 7], [1, 5, 9, 30, 40, 50], [1, 300, 301, 302, 17, 18]]
 
@@ -136,8 +136,8 @@ def test_lora_student_is_pushed_as_merged_weights(student, sampler):
 def test_on_policy_training_samples_through_vllm(tiny_pair, tmp_path, sampler, monkeypatch):
     """`method.sampler: vllm` in a real on-policy run: every step's samples come from the engine
     (the module's engine is reused: same student config)."""
-    from llmkd.config import config_from_dict
-    from llmkd.pipeline import build_trainer
+    from llmkd.training.config import config_from_dict
+    from llmkd.training.pipeline import build_trainer
 
     made = []
 
@@ -145,7 +145,7 @@ def test_on_policy_training_samples_through_vllm(tiny_pair, tmp_path, sampler, m
         made.append((name, options))
         return sampler
 
-    monkeypatch.setattr("llmkd.trainer.make_sampler", reuse)
+    monkeypatch.setattr("llmkd.training.trainer.make_sampler", reuse)
     teacher, student_dir = tiny_pair
     cfg = config_from_dict({
         "output_dir": str(tmp_path / "run"), "max_steps": 3, "learning_rate": 3e-3,

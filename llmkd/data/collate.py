@@ -37,7 +37,7 @@ def response_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str)
     """The response's token ids as they follow the rendered prompt: tokenised on its own, a
     SentencePiece-style tokenizer would start it with a word-start marker ("▁The") that the
     same text after the prompt does not get."""
-    from llmkd.alignment import encode_in_context
+    from llmkd.data.alignment import encode_in_context
 
     (ids, _), = encode_in_context(tokenizer, [chat_prompt_text(tokenizer, prompt)], [response])
     return ids

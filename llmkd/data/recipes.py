@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from llmkd.eval.answers import KINDS as ANSWER_KINDS
+from llmkd.data.answers import KINDS as ANSWER_KINDS
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
-from llmkd.eval.answers import extract_answer, is_correct, wilson_interval
+from llmkd.data.answers import extract_answer, is_correct, wilson_interval
 from llmkd.eval.monitor import (FALLBACK_PROXY, GOLDEN_KEYS, PROXY_KEY, SE_SUFFIX, describe,
                                 detect_hacking, evaluations)
 from llmkd.losses import per_token_divergence

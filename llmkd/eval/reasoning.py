@@ -1,6 +1,6 @@
 """Reasoning accuracy: generate -> extract the final answer -> verify against gold -> accuracy ± CI.
 
-The answer rules live in `llmkd.eval.answers` (extraction and checking, re-exported here).
+The answer rules live in `llmkd.data.answers` (extraction and checking, re-exported here).
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmkd.eval.answers import KINDS, extract_answer, is_correct, wilson_interval
+from llmkd.data.answers import KINDS, extract_answer, is_correct, wilson_interval
 from llmkd.fsutil import atomic_write_text
 
 __all__ = ["KINDS", "evaluate_reasoning", "extract_answer", "is_correct", "wilson_interval"]

@@ -57,7 +57,7 @@ def parse_rationale(text: str, kind: str) -> tuple[str, str | None]:
     next "Q: ... A: ..." demonstration. Without a marker the whole text is the rationale and the
     answer falls back to `extract_answer(text, kind)`.
     """
-    from llmkd.eval.answers import extract_answer
+    from llmkd.data.answers import extract_answer
 
     hit = _MARKER_RE.search(text)
     if hit is None:
@@ -68,13 +68,13 @@ def parse_rationale(text: str, kind: str) -> tuple[str, str | None]:
 
 def parse_response(text: str, kind: str) -> str | None:
     """The answer stated in a plain (non-CoT) response, cut at a continuation 'Q:' if any."""
-    from llmkd.eval.answers import extract_answer
+    from llmkd.data.answers import extract_answer
 
     return extract_answer(re.split(r"\n\s*Q:", text, maxsplit=1)[0], kind)
 
 
 def check(pred: str | None, gold: str, kind: str) -> bool:
-    from llmkd.eval.answers import is_correct
+    from llmkd.data.answers import is_correct
 
     return is_correct(pred, gold, kind)
 

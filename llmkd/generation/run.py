@@ -105,7 +105,8 @@ class GenerationConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> GenerationConfig:
     """YAML file (optional) + `key=value` overrides -> validated GenerationConfig."""
-    from llmkd.config import apply_overrides, check_keys, coerce, read_yaml_mapping
+    from llmkd.validation import check_keys, coerce
+    from llmkd.yaml_reader import apply_overrides, read_yaml_mapping
 
     raw = read_yaml_mapping(path, "generation config") if path is not None else {}
     raw = apply_overrides(raw, list(overrides))

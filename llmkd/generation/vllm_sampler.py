@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkd.sampling import SamplingSpec, cut_at_eos
+from llmkd.generation.spec import SamplingSpec, cut_at_eos
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +58,7 @@ def _count_optimizer_steps() -> None:
 
 
 class VLLMSampler:
-    """`sample(model, prompts, spec, eos_ids)` like `llmkd.sampling.HFSampler`, through vLLM.
+    """`sample(model, prompts, spec, eos_ids)` like `llmkd.generation.sampling.HFSampler`, through vLLM.
 
     `max_model_len`: longest prompt + response (default: the model's limit, capped at 4096);
     `gpu_memory_utilization`: fraction of the GPU for the engine (weights + KV cache);

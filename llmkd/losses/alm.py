@@ -1,5 +1,5 @@
 """Approximate likelihood matching (ALM; Minixhofer et al., 2025): cross-tokenizer distillation
-on chunks of text that both tokenizations cover exactly (see `llmkd.alignment`).
+on chunks of text that both tokenizations cover exactly (see `llmkd.data.alignment`).
 
 Per chunk, l_T and l_S are the summed log-likelihoods of the chunk's actual tokens under the
 teacher and the student. Both are probabilities of the *same text*, so they are comparable even

@@ -20,6 +20,15 @@ PARAMS = {"token_kd": "llmkd.methods.params:TokenKDParams",
           "cross_tokenizer": "llmkd.methods.cross_tokenizer:CrossTokenizerParams"}   # module is torch-free
 
 
+def register(name: str, method: str, params: str | None = None) -> None:
+    """Make `method.name: NAME` available: `method` and `params` are "module:Class" paths, imported
+    only when the method is used; `params` names a torch-free home for its Params class (configs
+    are validated before torch loads), otherwise they are read from the method class."""
+    METHODS[name] = method
+    if params is not None:
+        PARAMS[name] = params
+
+
 def _check_name(name: str) -> None:
     if name not in METHODS:
         near = difflib.get_close_matches(str(name), list(METHODS), n=1)

@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from llmkd.sampling import SamplingSpec
+from llmkd.generation.sampling import SamplingSpec
+from llmkd.models.output import HeadOutput, TeacherTargets
 from llmkd.validation import check_keys, coerce
 
 if TYPE_CHECKING:   # the protocol imports no model library: configs validate without them
@@ -19,7 +20,6 @@ if TYPE_CHECKING:   # the protocol imports no model library: configs validate wi
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from llmkd.models.head import LMHead
     from llmkd.teachers import Teacher
 
 
@@ -40,30 +40,11 @@ class MethodParams:
                       f"model.teacher_mode=live), not a {kind} one" for kind in ("offline", "served")}
 
 
-@dataclass
-class HeadOutput:
-    """A model's output for distillation: full logits, or final hidden states + its lm_head
-    (the chunked loss applies the head itself so (B, S, V) logits are never materialised)."""
-
-    logits: torch.Tensor | None = None
-    hidden: torch.Tensor | None = None
-    head: LMHead | None = None
-
-
-@dataclass
-class TeacherTargets:
-    """What the teacher contributes to a batch: live output, or offline top-k log-probs."""
-
-    output: HeadOutput | None = None
-    topk_ids: torch.Tensor | None = None        # (B, S, k) aligned with labels
-    topk_logprobs: torch.Tensor | None = None
-
-
 class Method:
     """Base class for methods. Subclasses set `name`, `Params` and implement `teacher_targets`
     and `loss`; every other hook has a default that fits token-level KD on one tokenizer.
 
-    Life cycle (the trainer and `llmkd.pipeline` call these, in this order):
+    Life cycle (the trainer and `llmkd.training.pipeline` call these, in this order):
       setup(student_tokenizer, teacher_tokenizer)   once, before any data or weights load
       build_examples -> features -> collate          data (the method owns its batch keys)
       attach(teacher, student, chunked_head_ok)      once the models are placed

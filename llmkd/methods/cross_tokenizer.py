@@ -1,7 +1,7 @@
 """Cross-tokenizer distillation: a teacher and a student with different tokenizers.
 
 Each response text is tokenised by both tokenizers and cut into the shortest chunks whose
-characters coincide (`llmkd.alignment`), once per example when the features are built. The
+characters coincide (`llmkd.data.alignment`), once per example when the features are built. The
 teacher reads its own tokens (its own chat template on the same prompt); the loss compares the
 two models chunk by chunk:
 
@@ -34,9 +34,8 @@ positions at a time (each chunk's logits recomputed in backward), the teacher's 
 a graph; ULD needs only one row per chunk. With a head the chunked path cannot apply, each model
 builds its own full logits once.
 
-Also here: tokenizer transfer (the ALM paper's main use): `train_tokenizer` trains a new
-byte-level BPE tokenizer and `transfer_student` gives a teacher's layers that tokenizer, each new
-embedding the mean of the teacher embeddings of the token's pieces.
+Token and chunk log-likelihoods from a head: `llmkd.models.logps`; tokenizer transfer (a student
+on a new tokenizer): `llmkd.models.transfer`; the held-out chunk gap: `llmkd.eval.chunk_gap`.
 """
 from __future__ import annotations
 
@@ -44,16 +43,16 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llmkd.alignment import AlignedText, ChunkAligner, boundary_token_ids, merge_at_word_ends, offsets_backend
+from llmkd.data.alignment import AlignedText, ChunkAligner, boundary_token_ids, merge_at_word_ends, offsets_backend
 from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets, as_mean, output_rows, pad_id
-from llmkd.sampling import SamplingSpec, check_sampler
+from llmkd.generation.sampling import SamplingSpec, check_sampler
+from llmkd.models.logps import chunk_logps, rows_at
 
 if TYPE_CHECKING:   # torch loads lazily: configs validate these Params without it
     import torch
     from datasets import Dataset
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from llmkd.models.head import LMHead
     from llmkd.teachers import Teacher
 
 LOSSES = ("alm", "alm_unbiased", "uld", "none")
@@ -395,167 +394,3 @@ def _decode_after(tokenizer: PreTrainedTokenizerBase, prompt: list[int], resp: l
     decoder drops the leading space of its first token ("▁The" -> "The")."""
     full = _decode(tokenizer, prompt + resp)
     return full[len(context):] if full.startswith(context) else _decode(tokenizer, resp)
-
-
-# -- tensor helpers ---------------------------------------------------------------------------------
-
-def _logp_rows(source: torch.Tensor, head: LMHead | None, b: torch.Tensor, j: torch.Tensor,
-               target: torch.Tensor) -> torch.Tensor:
-    """log p(target) from rows source[b, j]: hidden states through `head`, or logits as they are."""
-    import torch
-
-    x = source[b, j]
-    logits = head.logits(x) if head is not None else x
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return logits.gather(-1, target[:, None])[:, 0] - logits.logsumexp(-1)
-
-
-def token_logps(out: HeadOutput, ids: torch.Tensor, want: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """(B, S): log p(ids[b, s] | ids[b, <s]) where `want` (positions >= 1), 0 elsewhere.
-
-    Rows are taken `chunk_size` at a time; with a graph each piece is checkpointed (its logits
-    are recomputed in backward), so no more than one piece of logits lives at once.
-    """
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    want = want.clone()
-    want[:, 0] = False            # nothing predicts the first token
-    b, j = want.nonzero(as_tuple=True)
-    target = ids[b, j]
-    source, head = (out.logits, None) if out.logits is not None else (out.hidden, out.head)
-    step = chunk_size if chunk_size > 0 else max(len(b), 1)
-    grad = torch.is_grad_enabled() and (source.requires_grad or (head is not None and head.weight.requires_grad))
-    pieces = []
-    for lo in range(0, len(b), step):
-        args = (source, head, b[lo:lo + step], j[lo:lo + step] - 1, target[lo:lo + step])
-        pieces.append(checkpoint(_logp_rows, *args, use_reentrant=False) if grad else _logp_rows(*args))
-    dtype = pieces[0].dtype if pieces else torch.float32
-    flat = torch.cat(pieces) if pieces else torch.zeros(0, device=ids.device, dtype=dtype)
-    return torch.zeros(ids.shape, dtype=dtype, device=ids.device).index_put((b, j), flat)
-
-
-def chunk_logps(out: HeadOutput, ids: torch.Tensor, chunk_index: torch.Tensor, num_chunks: int,
-                chunk_size: int) -> torch.Tensor:
-    """(B, num_chunks): the summed log-likelihood of each chunk's tokens."""
-    from llmkd.losses.alm import chunk_sums
-
-    return chunk_sums(token_logps(out, ids, chunk_index >= 0, chunk_size), chunk_index, num_chunks)
-
-
-def rows_at(out: HeadOutput, positions: torch.Tensor) -> torch.Tensor:
-    """(B, C, V) logits at `positions` (B, C) (clamped to >= 0; padding is masked later)."""
-    positions = positions.clamp(min=0)
-    if out.logits is not None:
-        return out.logits.gather(1, positions[..., None].expand(-1, -1, out.logits.shape[-1]))
-    hidden = out.hidden.gather(1, positions[..., None].expand(-1, -1, out.hidden.shape[-1]))
-    return out.head.logits(hidden)
-
-
-
-def chunk_gap(method: CrossTokenizer, student: PreTrainedModel, features: Dataset, *,
-              batch_size: int = 16) -> dict[str, float]:
-    """Held-out closeness in the units ALM trains: over every aligned chunk of `features`, the
-    mean |l_T - l_S| of teacher and student chunk log-likelihoods (nats), its signed mean, and
-    both mean log-likelihoods. Needs `method.attach` (the teacher) done."""
-    import torch
-
-    from llmkd.models.head import forward_head
-
-    device = next(student.parameters()).device
-    was_training = student.training
-    student.eval()
-    sums = {"abs": 0.0, "signed": 0.0, "teacher": 0.0, "student": 0.0}
-    count = 0
-    with torch.no_grad():
-        for lo in range(0, len(features), batch_size):
-            batch = method.collate([features[i] for i in range(lo, min(lo + batch_size, len(features)))])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            mask, width, size = batch["chunk_mask"], batch["chunk_mask"].shape[1], method.params.chunk_size
-            s_out = forward_head(student, batch, hidden=method.wants_hidden(), vocab=method.vocab_size)
-            l_s = chunk_logps(s_out, batch["input_ids"], batch["student_chunk_index"], width, size)[mask]
-            l_t = chunk_logps(method.teacher_output(batch), batch["teacher_input_ids"],
-                              batch["teacher_chunk_index"], width, size)[mask]
-            sums["abs"] += float((l_t - l_s).abs().sum())
-            sums["signed"] += float((l_t - l_s).sum())
-            sums["teacher"] += float(l_t.sum())
-            sums["student"] += float(l_s.sum())
-            count += int(mask.sum())
-    student.train(was_training)
-    n = max(count, 1)
-    return {"chunk_gap": sums["abs"] / n, "chunk_gap_signed": sums["signed"] / n,
-            "teacher_chunk_logp": sums["teacher"] / n, "student_chunk_logp": sums["student"] / n,
-            "chunks": count}
-
-# -- tokenizer transfer -----------------------------------------------------------------------------
-
-def train_tokenizer(texts: list[str], vocab_size: int, like: PreTrainedTokenizerBase) -> PreTrainedTokenizerFast:
-    """A new byte-level BPE tokenizer trained on `texts`, keeping `like`'s special and added
-    tokens (same strings, so its chat template renders the same way) and its chat template.
-    Digits are not split one by one and merges follow `texts`: a different tokenization."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    added = [t.content for _, t in sorted(like.added_tokens_decoder.items())]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=added, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    names = {k: getattr(like, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
-             if getattr(like, k, None) is not None}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
-    fast.chat_template = like.chat_template
-    return fast
-
-
-def teacher_pieces(new_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> list[list[int]]:
-    """For each token of `new_tok`, the teacher token ids spelling the same bytes (a token with
-    the same string where one exists; byte-level pieces through the teacher's own BPE model, so
-    a token holding part of a character still maps; otherwise its decoded text re-encoded)."""
-    t_vocab = teacher_tok.get_vocab()
-    backend = teacher_tok.backend_tokenizer
-    byte_level = all("ByteLevel" in repr(t.backend_tokenizer.pre_tokenizer) for t in (new_tok, teacher_tok))
-    out = []
-    for i in range(len(new_tok)):
-        piece = new_tok.convert_ids_to_tokens(i)
-        if piece in t_vocab:
-            out.append([t_vocab[piece]])
-        elif byte_level:
-            out.append([t_vocab[t.value] for t in backend.model.tokenize(piece)])
-        else:
-            out.append(teacher_tok(new_tok.decode([i]), add_special_tokens=False)["input_ids"])
-    return out
-
-
-def transfer_student(teacher: PreTrainedModel, teacher_tok: PreTrainedTokenizerBase,
-                     new_tok: PreTrainedTokenizerBase, layers: str | int | list[int] = "all") -> PreTrainedModel:
-    """The teacher's layers (all, "every_other", a count or a list) under `new_tok`: each new
-    embedding row (and lm_head row, when untied) is the mean of the teacher rows of its pieces."""
-    import torch
-
-    from llmkd.models.student import derive_student
-
-    n_layers = len(teacher.get_decoder().layers)
-    student = derive_student(teacher, list(range(n_layers)) if layers == "all" else layers)
-    pieces = teacher_pieces(new_tok, teacher_tok)
-
-    def mean_rows(weight: torch.Tensor) -> torch.Tensor:
-        fallback = weight.mean(0)
-        return torch.stack([weight[ids].mean(0) if ids else fallback for ids in pieces])
-
-    tied = getattr(student.config, "tie_word_embeddings", False)
-    with torch.no_grad():
-        new_in = mean_rows(teacher.get_input_embeddings().weight)
-        new_out = None if tied else mean_rows(teacher.get_output_embeddings().weight)
-        student.resize_token_embeddings(len(new_tok), mean_resizing=False)
-        student.get_input_embeddings().weight.copy_(new_in)
-        if new_out is not None:
-            student.get_output_embeddings().weight.copy_(new_out)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(new_tok, key)
-        setattr(student.config, key, value)
-        setattr(student.generation_config, key, value)
-    return student

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmkd.methods.base import MethodParams
-from llmkd.sampling import check_sampler
+from llmkd.generation.sampling import check_sampler
 from llmkd.validation import check_divergence, check_fused
 
 LABEL, RATIONALE = 0, 1     # rationale method: the two tasks of Distilling Step-by-Step

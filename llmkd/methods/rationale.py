@@ -146,5 +146,5 @@ class Rationale(Method):
 def _task(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if "task" not in batch:
         raise ValueError("method rationale: the batch has no 'task' column; its rows must come from "
-                         "Rationale.build_examples (llmkd.pipeline.build_datasets calls it)")
+                         "Rationale.build_examples (llmkd.training.pipeline.build_datasets calls it)")
     return batch["task"]

@@ -17,7 +17,7 @@ from llmkd.losses.divergences import reduce
 from llmkd.methods.base import HeadOutput, Method, TeacherTargets, as_mean
 from llmkd.methods.params import TokenKDParams   # torch-free: configs validate before torch loads
 from llmkd.models.head import chunked_divergence_heads
-from llmkd.sampling import SamplingSpec
+from llmkd.generation.sampling import SamplingSpec
 from llmkd.teachers import resolve
 from llmkd.teachers.served import ServedTargets  # noqa: F401  (its old home: re-exported)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmkd.methods.base import HeadOutput
+from llmkd.models.output import HeadOutput
 
 logger = logging.getLogger(__name__)
 _INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")

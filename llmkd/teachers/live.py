@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from llmkd.teachers import Teacher
+from llmkd.teachers.base import Teacher
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-    from llmkd.methods.base import TeacherTargets
+    from llmkd.models.output import TeacherTargets
 
 
 class Live(Teacher):
@@ -23,7 +23,7 @@ class Live(Teacher):
         self.model, self.name, self.offload = model, name, offload
 
     def targets(self, batch: dict[str, torch.Tensor], *, hidden: bool, vocab: int | None) -> TeacherTargets:
-        from llmkd.methods.base import TeacherTargets
+        from llmkd.models.output import TeacherTargets
         from llmkd.models.head import run_head
 
         if self.offload is None:

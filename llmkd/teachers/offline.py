@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from llmkd.teachers import Teacher
+from llmkd.teachers.base import Teacher
 
 if TYPE_CHECKING:
     import torch
 
-    from llmkd.methods.base import TeacherTargets
+    from llmkd.models.output import TeacherTargets
 
 
 class Offline(Teacher):
@@ -18,7 +18,7 @@ class Offline(Teacher):
         self.name = name
 
     def targets(self, batch: dict[str, torch.Tensor], *, hidden: bool, vocab: int | None) -> TeacherTargets:
-        from llmkd.methods.base import TeacherTargets
+        from llmkd.models.output import TeacherTargets
 
         if "teacher_topk_ids" not in batch:
             raise ValueError("model.teacher_mode=offline but the data has no teacher_topk_ids column; "

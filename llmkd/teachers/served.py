@@ -6,8 +6,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llmkd.methods.base import TeacherTargets
-from llmkd.teachers import Teacher
+from llmkd.models.output import TeacherTargets
+from llmkd.teachers.base import Teacher
 
 if TYPE_CHECKING:
     import torch

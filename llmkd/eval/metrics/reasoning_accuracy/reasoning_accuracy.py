@@ -7,7 +7,7 @@ Shipped inside llmkd and loaded by local path (`llmkd.eval.metrics.load_metric`)
 import datasets
 import evaluate
 
-from llmkd.eval.answers import KINDS, is_correct, wilson_interval
+from llmkd.data.answers import KINDS, is_correct, wilson_interval
 
 _DESCRIPTION = """Fraction of model responses whose final answer matches the gold answer
 (numeric via math-verify, multiple-choice letters, yes/no, or exact normalised text), with a

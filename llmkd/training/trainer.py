@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 
-from llmkd.config import DistillationConfig
+from llmkd.training.config import DistillationConfig
 from llmkd.methods import get_method
 from llmkd.methods.base import Method, pad_id
 from llmkd.models.head import forward_head, lm_head_of, verify_head
-from llmkd.sampling import HFSampler, Sampler, make_sampler
+from llmkd.generation.sampling import HFSampler, Sampler, make_sampler
 from llmkd.teachers import Teacher, as_teacher
 
 METHOD_STATE = "llmkd_method_state.json"
@@ -248,7 +248,7 @@ class DistillationTrainer(Trainer):
         return bool(ok.item() == 1.0)
 
     def _stop_non_finite(self, what: str) -> None:
-        from llmkd.checkpoint import RunFailed, find_checkpoint
+        from llmkd.training.checkpoint import RunFailed, find_checkpoint
 
         found, _ = find_checkpoint(self.args.output_dir)
         kept = (f"the newest good checkpoint is {found}; to continue from it with a lower learning_rate: "
@@ -259,9 +259,9 @@ class DistillationTrainer(Trainer):
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Atomic: written to a staging dir (method state included), renamed when complete."""
-        from llmkd.checkpoint import save_checkpoint
+        from llmkd.training.checkpoint import save_checkpoint
 
-        from llmkd.teachers.spec import MANIFEST, teacher_manifest
+        from llmkd.training.teachers import MANIFEST, teacher_manifest
 
         extra = {METHOD_STATE: json.dumps(self.method.state_dict())}
         if hasattr(self.args, "model"):      # the teacher set, checked when a run resumes
@@ -278,9 +278,9 @@ class DistillationTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """`resume_from_checkpoint=True` takes the newest *complete* checkpoint; SIGINT/SIGTERM
-        finish the step, save it and raise `llmkd.interrupt.TrainingInterrupted`."""
-        from llmkd.checkpoint import resolve_resume
-        from llmkd.interrupt import stop_on_signal
+        finish the step, save it and raise `llmkd.training.interrupt.TrainingInterrupted`."""
+        from llmkd.training.checkpoint import resolve_resume
+        from llmkd.training.interrupt import stop_on_signal
 
         if resume_from_checkpoint is None and self.args.resume_from_checkpoint:
             resume_from_checkpoint = self.args.resume_from_checkpoint

@@ -86,7 +86,8 @@ def unique_labels(paths: list[str]) -> list[str]:
 
 def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
     if args.config:
-        from llmkd.config import check_keys, coerce, read_yaml_mapping
+        from llmkd.validation import check_keys, coerce
+        from llmkd.yaml_reader import read_yaml_mapping
 
         raw = read_yaml_mapping(args.config, "eval config")
         check_keys("", raw, [f.name for f in fields(EvalSpec)])
@@ -190,7 +191,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval", help="reasoning accuracy (math-verify) of models on data recipes",
         description="Greedy generation -> answer extraction -> accuracy with a 95% Wilson CI.")
-    p.add_argument("config", nargs="?", help="eval YAML (see llmkd.eval.cli); flags override it")
+    p.add_argument("config", nargs="?", help="eval YAML (see llmkd.cli.eval); flags override it")
     p.add_argument("--model", action="append", metavar="PATH",
                    help="model dir or 'embedded' (repeat to compare several)")
     p.add_argument("--recipes", metavar="A,B", help="comma-separated recipe names or YAML paths")

@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from llmkd.outdir import mark_output_dir
+from llmkd.training.outdir import mark_output_dir
 from llmkd.preflight import weights_problem
 
 if TYPE_CHECKING:

@@ -17,20 +17,20 @@ import ast
 import dataclasses
 import difflib
 import functools
-import importlib.util
 import os
 import re
 import textwrap
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from llmkd import config_checks
-from llmkd.outdir import check_not_an_input
-from llmkd.validation import check_keys, coerce  # noqa: F401  (check_keys, coerce: re-exported)
+from llmkd.training import config_checks
+from llmkd.training.outdir import check_not_an_input
+from llmkd.training.schema import check_lora_keys, training_args_schema
+from llmkd.validation import check_keys, coerce
+from llmkd.yaml_reader import apply_overrides, read_yaml_mapping
 
 DTYPES = ("float32", "bfloat16", "float16")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -129,164 +129,6 @@ def _distillation_config() -> type:
     return DistillationConfig
 
 
-# --- YAML ----------------------------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """safe_load that also refuses duplicate keys (plain YAML silently keeps the last one)."""
-
-
-def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode) -> dict:
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if isinstance(key, typing.Hashable) and key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first set on line {seen[key] + 1})", key_node.start_mark)
-        if isinstance(key, typing.Hashable):
-            seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-
-
-def _yaml_error(err: yaml.YAMLError) -> str:
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}{problem}"
-
-
-def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
-    """A YAML file (safe_load) whose top level is a mapping; clear errors otherwise."""
-    p = Path(path)
-    if p.is_dir():
-        raise FileNotFoundError(f"{what} file {str(p)!r} is a directory; give the YAML file in it")
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file {str(p)!r} does not exist")
-    try:
-        raw = yaml.load(p.read_text(), Loader=_Loader) or {}   # noqa: S506 (_Loader is a SafeLoader)
-    except yaml.YAMLError as err:
-        raise ValueError(f"{what} {str(p)!r}, {_yaml_error(err)}; fix the YAML (indentation, a space "
-                         "after ':', matching quotes and brackets)") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{what} {str(p)!r} is not UTF-8 text") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{what} {str(p)!r}: top level must be a mapping of keys to values, "
-                         f"found {type(raw).__name__}")
-    return raw
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=c` overrides (values parsed as YAML scalars) onto a raw config dict."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(parts):
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set method.beta=0.5")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ValueError(f"--set {item!r}: the value is not valid YAML ({_yaml_error(err)}); "
-                             "quote text, e.g. --set 'data.recipe=\"a: b\"'") from None
-        node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = parsed
-    return raw
-
-
-# --- TrainingArguments fields, without importing transformers ---------------------------------
-_BUILTINS: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict,
-                             "list": list, "tuple": tuple, "Any": Any, "List": list, "Dict": dict}
-_ENUM_FILES = ("training_args.py", "trainer_utils.py", "debug_utils.py")
-
-
-@functools.lru_cache(maxsize=1)
-def training_args_schema() -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
-    """({field: type}, {field: allowed strings of its enum}) of transformers.TrainingArguments.
-    Read from the installed source with `ast` (~0.1 s) instead of importing it (seconds: torch,
-    accelerate); falls back to the import if the source is not laid out as expected."""
-    try:
-        return _schema_from_source()
-    except (OSError, SyntaxError, LookupError):
-        return _schema_from_import()
-
-
-def _schema_from_source() -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
-    spec = importlib.util.find_spec("transformers")
-    if spec is None or not spec.submodule_search_locations:
-        raise LookupError("transformers is not installed")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    enums: dict[str, tuple[str, ...]] = {}
-    for name in _ENUM_FILES:
-        for node in ast.parse((root / name).read_text(encoding="utf-8")).body:
-            if isinstance(node, ast.ClassDef) and any(_dotted(b).endswith("Enum") for b in node.bases):
-                values = tuple(s.value.value for s in node.body if isinstance(s, ast.Assign)
-                               and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str))
-                if values:
-                    enums[node.name] = values
-    tree = ast.parse((root / "training_args.py").read_text(encoding="utf-8"))
-    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainingArguments"), None)
-    if cls is None or cls.bases:
-        raise LookupError("TrainingArguments not found as a plain dataclass")
-    types: dict[str, Any] = {}
-    choices: dict[str, tuple[str, ...]] = {}
-    for st in cls.body:
-        if not (isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)) or _init_false(st.value):
-            continue
-        members = _union_members(st.annotation)
-        types[st.target.id] = typing.Union[tuple(_to_type(m, enums) for m in members)]
-        named = [enums[m.id] for m in members if isinstance(m, ast.Name) and m.id in enums]
-        if named:
-            choices[st.target.id] = named[0]
-    if len(types) < 50:
-        raise LookupError("too few TrainingArguments fields found")
-    return types, choices
-
-
-def _schema_from_import() -> tuple[dict[str, Any], dict[str, tuple[str, ...]]]:
-    from transformers import TrainingArguments
-
-    hints = typing.get_type_hints(TrainingArguments)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(TrainingArguments) if f.init}, {}
-
-
-def _dotted(node: ast.expr) -> str:
-    return ast.unparse(node)
-
-
-def _init_false(value: ast.expr | None) -> bool:
-    return (isinstance(value, ast.Call) and _dotted(value.func).endswith("field")
-            and any(k.arg == "init" and isinstance(k.value, ast.Constant) and k.value.value is False
-                    for k in value.keywords))
-
-
-def _union_members(node: ast.expr) -> list[ast.expr]:
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-        return _union_members(node.left) + _union_members(node.right)
-    if isinstance(node, ast.Subscript) and _dotted(node.value).split(".")[-1] in ("Union", "Optional"):
-        inner = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-        extra = [ast.Constant(None)] if _dotted(node.value).endswith("Optional") else []
-        return [m for e in inner for m in _union_members(e)] + extra
-    return [node]
-
-
-def _to_type(node: ast.expr, enums: dict[str, tuple[str, ...]]) -> Any:
-    if isinstance(node, ast.Constant):
-        return type(None) if node.value is None else Any   # None, or a forward reference
-    if isinstance(node, ast.Name):
-        return str if node.id in enums else _BUILTINS.get(node.id, Any)
-    if isinstance(node, ast.Subscript):
-        base = _dotted(node.value).split(".")[-1]
-        if base == "Literal":
-            elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-            return typing.Literal[tuple(ast.literal_eval(e) for e in elts)]
-        return _BUILTINS.get(base, Any)
-    return Any
-
-
 # --- validation ------------------------------------------------------------------------------
 POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
 NON_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "dataloader_num_workers",
@@ -370,27 +212,6 @@ def _check_model(m: ModelSpec) -> None:
             check_model_dir(value, f"model.{role}")
 
 
-def check_lora_keys(lora: dict[str, Any]) -> None:
-    """model.lora keys against peft's LoraConfig fields, read from its source (importing peft
-    costs seconds) so a typo fails before any weights load."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("peft")
-    if spec is None or not spec.submodule_search_locations:
-        return        # no peft: wrap_peft says so when it runs
-    root = Path(list(spec.submodule_search_locations)[0])
-    fields: list[str] = []
-    for rel, cls in (("config.py", "PeftConfigMixin"), ("config.py", "PeftConfig"),
-                     ("tuners/lora/config.py", "LoraConfig")):
-        tree = ast.parse((root / rel).read_text(encoding="utf-8"))
-        for node in tree.body:
-            if isinstance(node, ast.ClassDef) and node.name == cls:
-                fields += [st.target.id for st in node.body
-                           if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)]
-    if "r" in fields:      # the parse found LoraConfig: trust it
-        check_keys("model.lora.", lora, fields)
-
-
 def _check_data(d: DataSpec) -> None:
     for key in ("num_train", "num_eval", "max_length"):
         if getattr(d, key) < 1:
@@ -413,48 +234,11 @@ def _check_data(d: DataSpec) -> None:
         raise ValueError(f"config: data.recipe={d.recipe!r}: {err}") from None
 
 
-def _check_output(top: dict[str, Any], resume: Any) -> None:
-    from llmkd.checkpoint import checkpoint_problem, describe_skipped, find_checkpoint
-    from llmkd.outdir import check_overwrite, foreign_entries
-    from llmkd.preflight import check_output_dir
-
-    out = Path(top["output_dir"]).expanduser()
-    check_output_dir(top["output_dir"])
-    overwrite = top.get("overwrite_output_dir", False)
-    if resume not in (None, False) and overwrite:
-        raise ValueError("config: resume_from_checkpoint and overwrite_output_dir=true contradict each "
-                         "other: resume continues the run in output_dir, overwrite starts it over; set one")
-    if resume is True:
-        found, skipped = find_checkpoint(out)
-        if found is None:
-            raise FileNotFoundError(
-                f"config: resume_from_checkpoint=true but output_dir={str(out)!r} has no complete "
-                "checkpoint" + (f" ({describe_skipped(skipped)})" if skipped else "")
-                + "; drop resume_from_checkpoint to start a new run")
-    elif resume not in (None, False):
-        if not Path(str(resume)).is_dir():
-            raise FileNotFoundError(f"config: resume_from_checkpoint={resume!r} is not a checkpoint "
-                                    "directory; give checkpoint-N under output_dir, or true for the last one")
-        problem = checkpoint_problem(resume)
-        if problem:
-            raise ValueError(f"config: resume_from_checkpoint={resume!r} is not a complete checkpoint "
-                             f"({problem}); give another checkpoint-N, or true for the newest complete one")
-    elif overwrite:
-        check_overwrite(out)
-    elif foreign_entries(out):
-        has_ckpt = find_checkpoint(out)[0] is not None
-        raise FileExistsError(
-            f"config: output_dir={str(out)!r} exists and is not empty"
-            + ("; to continue its run: --set resume_from_checkpoint=true" if has_ckpt else "")
-            + "; to start over (its checkpoints are deleted): --set overwrite_output_dir=true; "
-            "or choose another output_dir (nothing was written)")
-
-
 def resume_dir(output_dir: str, resume: Any) -> Path | None:
     """The checkpoint a run resumes from (None: a new run)."""
     if resume in (None, False):
         return None
-    from llmkd.checkpoint import find_checkpoint
+    from llmkd.training.checkpoint import find_checkpoint
 
     return find_checkpoint(Path(output_dir).expanduser())[0] if resume is True else Path(str(resume))
 
@@ -465,7 +249,7 @@ def check_config(raw: dict) -> dict[str, Any]:
     values, then the file system (model dirs, data, output_dir, checkpoints)."""
     from llmkd.methods import get_params
     from llmkd.data.mixture import sources
-    from llmkd.teachers.spec import check_resume_teachers, check_teachers
+    from llmkd.training.teachers import check_resume_teachers, check_teachers
 
     raw = dict(raw)
     types, choices = training_args_schema()
@@ -512,7 +296,7 @@ def check_config(raw: dict) -> dict[str, Any]:
     from llmkd.eval.monitor import check_monitor
 
     check_monitor(kwargs["monitor"], top, kwargs["model"], kwargs["data"])
-    _check_output(top, resume)
+    config_checks.check_output(top, resume)
     check_resume_teachers(resume_dir(top["output_dir"], resume), kwargs["model"])
     if resume not in (None, False):
         top["resume_from_checkpoint"] = resume if resume is True else str(resume)
@@ -529,7 +313,7 @@ def input_paths(m: ModelSpec, d: DataSpec) -> dict[str, str | None]:
 
 def config_from_dict(raw: dict) -> Any:
     """Build and validate a DistillationConfig from a plain dict (what YAML gives)."""
-    from llmkd.checkpoint import check_resume_config
+    from llmkd.training.checkpoint import check_resume_config
 
     kwargs = check_config(raw)                # first: it imports no model library
     cfg = _distillation_config()(**kwargs)

@@ -10,12 +10,12 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from llmkd.config import DataSpec, DistillationConfig
+from llmkd.training.config import DataSpec, DistillationConfig
 from llmkd.data.recipes import load_recipe
 from llmkd.methods.base import Method
 from llmkd.models.embedded import resolve_model_name
 from llmkd.teachers import Teacher
-from llmkd.teachers.spec import TeacherSpec
+from llmkd.training.teachers import TeacherSpec
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -136,8 +136,8 @@ def build_trainer(cfg: DistillationConfig):
     from llmkd.data.mixture import concat, sources, tag
     from llmkd.methods.mix import TeacherMix
     from llmkd.teachers import TeacherSet
-    from llmkd.teachers.spec import teacher_method, teacher_specs
-    from llmkd.trainer import DistillationTrainer, build_method
+    from llmkd.training.teachers import teacher_method, teacher_specs
+    from llmkd.training.trainer import DistillationTrainer, build_method
 
     m = cfg.model
     specs = teacher_specs(m)
@@ -241,7 +241,7 @@ def check_lora_targets_early(cfg: DistillationConfig) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmkd.config_checks import check_lora_targets
+    from llmkd.training.config_checks import check_lora_targets
 
     targets = cfg.model.lora.get("target_modules")
     if targets is None or targets == "all-linear":

@@ -1,6 +1,6 @@
 """Config checks that used to fail only after the weights loaded (or never): non-finite numbers,
 seeds, LoRA values, student layers beyond the teacher's depth, DeepSpeed without a launcher.
-Called from `llmkd.config.check_config`; nothing here imports a model library."""
+Called from `llmkd.training.config.check_config`; nothing here imports a model library."""
 from __future__ import annotations
 
 import json
@@ -106,3 +106,40 @@ def check_launcher(top: dict[str, Any]) -> None:
         raise ValueError(f"config: deepspeed={top['deepspeed']!r} needs a distributed launcher, even for "
                          "one process: NPROC=1 launch/torchrun.sh CONFIG (or torchrun --nproc_per_node 1 "
                          "-m llmkd.cli distill CONFIG, launch/accelerate.sh, launch/deepspeed.sh)")
+
+
+def check_output(top: dict[str, Any], resume: Any) -> None:
+    from llmkd.training.checkpoint import checkpoint_problem, describe_skipped, find_checkpoint
+    from llmkd.training.outdir import check_overwrite, foreign_entries
+    from llmkd.preflight import check_output_dir
+
+    out = Path(top["output_dir"]).expanduser()
+    check_output_dir(top["output_dir"])
+    overwrite = top.get("overwrite_output_dir", False)
+    if resume not in (None, False) and overwrite:
+        raise ValueError("config: resume_from_checkpoint and overwrite_output_dir=true contradict each "
+                         "other: resume continues the run in output_dir, overwrite starts it over; set one")
+    if resume is True:
+        found, skipped = find_checkpoint(out)
+        if found is None:
+            raise FileNotFoundError(
+                f"config: resume_from_checkpoint=true but output_dir={str(out)!r} has no complete "
+                "checkpoint" + (f" ({describe_skipped(skipped)})" if skipped else "")
+                + "; drop resume_from_checkpoint to start a new run")
+    elif resume not in (None, False):
+        if not Path(str(resume)).is_dir():
+            raise FileNotFoundError(f"config: resume_from_checkpoint={resume!r} is not a checkpoint "
+                                    "directory; give checkpoint-N under output_dir, or true for the last one")
+        problem = checkpoint_problem(resume)
+        if problem:
+            raise ValueError(f"config: resume_from_checkpoint={resume!r} is not a complete checkpoint "
+                             f"({problem}); give another checkpoint-N, or true for the newest complete one")
+    elif overwrite:
+        check_overwrite(out)
+    elif foreign_entries(out):
+        has_ckpt = find_checkpoint(out)[0] is not None
+        raise FileExistsError(
+            f"config: output_dir={str(out)!r} exists and is not empty"
+            + ("; to continue its run: --set resume_from_checkpoint=true" if has_ckpt else "")
+            + "; to start over (its checkpoints are deleted): --set overwrite_output_dir=true; "
+            "or choose another output_dir (nothing was written)")

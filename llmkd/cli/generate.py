@@ -1,4 +1,4 @@
-"""CLI: `llmkd generate CONFIG [--set key=value ...]` (also `python -m llmkd.generation.cli`)."""
+"""CLI: `llmkd generate CONFIG [--set key=value ...]` (also `python -m llmkd.cli.generate`)."""
 from __future__ import annotations
 
 import argparse
@@ -32,7 +32,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`llmkd generate` alone, independent of the other subcommands' modules (used by tests)."""
-    parser = argparse.ArgumentParser(prog="python -m llmkd.generation.cli")
+    parser = argparse.ArgumentParser(prog="python -m llmkd.cli.generate")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

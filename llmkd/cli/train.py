@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from llmkd.checkpoint import RunFailed
+from llmkd.training.checkpoint import RunFailed
 
 DISTILL_HELP = """\
 Train a student to match a teacher as the YAML CONFIG says (examples: configs/distill/*.yaml).
@@ -39,7 +39,7 @@ resume, interrupt, overwrite:
 
 
 def register(sub: Any) -> None:
-    from llmkd.config import config_help
+    from llmkd.training.config import config_help
 
     p = sub.add_parser("distill", help="distil a teacher into a student from a YAML config",
                        description=DISTILL_HELP, epilog=config_help(),
@@ -63,8 +63,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from llmkd.config import load_config
-    from llmkd.outdir import OutputDirBusy, claim_output_dir
+    from llmkd.training.config import load_config
+    from llmkd.training.outdir import OutputDirBusy, claim_output_dir
 
     with _signals_stop_startup() as phase:   # before anything loads: SIGTERM is one line, exit 143
         cfg = load_config(args.config, args.overrides)   # every user error is raised here, nothing written
@@ -94,7 +94,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _run(cfg: Any, phase: dict[str, str]) -> int:
-    from llmkd.pipeline import build_trainer
+    from llmkd.training.pipeline import build_trainer
 
     trainer = build_trainer(cfg)
     trainer.train()
@@ -143,7 +143,7 @@ def _is_main_process() -> bool:
 
 def _remove_if_nothing_to_resume(out: Path, created: bool) -> None:
     """A run that created output_dir and failed before its first checkpoint removes it again."""
-    from llmkd.checkpoint import find_checkpoint
+    from llmkd.training.checkpoint import find_checkpoint
 
     if created and out.is_dir() and _is_main_process() and find_checkpoint(out)[0] is None:
         shutil.rmtree(out, ignore_errors=True)
@@ -151,7 +151,7 @@ def _remove_if_nothing_to_resume(out: Path, created: bool) -> None:
 
 def _interrupted(err: KeyboardInterrupt, args: argparse.Namespace, out: Path) -> str:
     """One line: what happened, and the exact command that continues the run."""
-    from llmkd.checkpoint import find_checkpoint
+    from llmkd.training.checkpoint import find_checkpoint
 
     what = " ".join(str(err).split()) or "interrupted before training started"
     if find_checkpoint(out)[0] is None:
@@ -168,7 +168,7 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 def _next_step(args: argparse.Namespace, out: Path) -> str:
     """Resume when output_dir holds a checkpoint, else run the same command again."""
-    from llmkd.checkpoint import find_checkpoint
+    from llmkd.training.checkpoint import find_checkpoint
 
     if find_checkpoint(out)[0] is not None:
         return f"resume: {_resume_command(args)}"
@@ -186,7 +186,7 @@ def _shutdown_distributed() -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from llmkd.quickstart import run_quickstart
+    from llmkd.cli.quickstart import run_quickstart
 
     run_quickstart(args.config, args.out, args.overrides)
     return 0

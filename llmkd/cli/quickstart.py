@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmkd.config import apply_overrides, check_keys, read_yaml_mapping
+from llmkd.validation import check_keys
+from llmkd.yaml_reader import apply_overrides, read_yaml_mapping
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 DRAFT_GAMMA = 4   # draft length for the analytic block efficiency (student as a speculative draft)
 KEYS = ["recipe", "num_train_prompts", "num_eval_prompts", "generate", "distill", "eval"]
 EVAL_KEYS = ["backend", "max_new_tokens"]
@@ -44,7 +45,7 @@ def check_stages(q: dict[str, Any], out: Path) -> Any:
     not wait for the teacher's generation. Returns the generation config (model: embedded)."""
     from dataclasses import fields
 
-    from llmkd.config import config_from_dict
+    from llmkd.training.config import config_from_dict
     from llmkd.generation.run import GenerationConfig
     from llmkd.validation import coerce
 
@@ -82,14 +83,14 @@ def run_quickstart(config: str | Path | None, out: str | Path, overrides: list[s
 
     from dataclasses import replace
 
-    from llmkd.config import config_from_dict
+    from llmkd.training.config import config_from_dict
     from llmkd.eval.closeness import teacher_closeness
     from llmkd.eval.reasoning import evaluate_reasoning
     from llmkd.eval.speculative import block_efficiency
     from llmkd.eval.report import write_report
     from llmkd.generation.run import run_generation
     from llmkd.models.embedded import embedded_teacher_dir
-    from llmkd.pipeline import build_trainer
+    from llmkd.training.pipeline import build_trainer
 
     n_train, n_eval = int(q["num_train_prompts"]), int(q["num_eval_prompts"])
     timings: dict[str, float] = {}

@@ -16,7 +16,7 @@ import sys
 
 from llmkd.fsutil import DiskFullError
 
-COMMAND_MODULES = ("llmkd.train_cli", "llmkd.generation.cli", "llmkd.eval.cli", "llmkd.serve_cli")
+COMMAND_MODULES = ("llmkd.cli.train", "llmkd.cli.generate", "llmkd.cli.eval", "llmkd.cli.serve")
 # One line and exit 2 for these; LLMKD_DEBUG=1 shows their traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
                ConnectionError,   # e.g. a teacher server gone after its retries

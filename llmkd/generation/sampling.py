@@ -7,9 +7,9 @@ Every sampler therefore takes an explicit `SamplingSpec` and applies exactly tha
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from llmkd.generation.spec import SamplingSpec, cut_at_eos
 from llmkd.validation import check_keys, type_ok
 
 if TYPE_CHECKING:
@@ -36,31 +36,11 @@ def check_sampler(sampler: str, vllm: dict[str, Any]) -> None:
                              f"{tp.__name__}")
 
 
-@dataclass(frozen=True)
-class SamplingSpec:
-    """What a method asks of a sampler: the distribution and the length, nothing else."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    seed: int | None = None      # set by the trainer per (step, micro-batch, rank): resumable draws
-
-
 class Sampler(Protocol):
     def sample(self, model: "torch.nn.Module", prompts: list[list[int]], spec: SamplingSpec,
                eos_ids: set[int]) -> list[list[int]]:
         """Response token ids per prompt: up to and including the first eos, at most
         `spec.max_new_tokens` tokens."""
-
-
-def cut_at_eos(tokens: list[int], eos_ids: set[int], limit: int) -> list[int]:
-    """Keep tokens up to and including the first eos (generate pads after it)."""
-    out: list[int] = []
-    for tok in tokens[:limit]:
-        out.append(tok)
-        if tok in eos_ids:
-            break
-    return out
 
 
 class HFSampler:

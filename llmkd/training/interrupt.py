@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from llmkd.checkpoint import find_checkpoint
+from llmkd.training.checkpoint import find_checkpoint
 from llmkd.teacher_server import TeacherWaitAbandoned, abandon_waits
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
