@@ -229,3 +229,20 @@ def test_uld_is_zero_iff_sorted_shapes_match() -> None:
     s = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
     t = torch.log(torch.tensor([[0.2, 0.0 + 1e-30, 0.5, 0.3]]))
     assert math.isclose(float(uld_loss(s, t)), 0.0, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [1.0, 100.0])
+def test_alm_overconfident_student_is_pushed_down(tau: float) -> None:
+    """A chunk the student finds likelier than exp(-tau * 1e-6) (b within 1e-6 of 1: a chunk of
+    probability > 0.9999 at tau 100, common for a trained model) while the teacher is less sure:
+    d loss / d l_S = (b - a) / ((1 - b) tau) > 0, so descent must lower l_S. Clamping b cut the
+    second term's gradient, leaving -a / tau: the student was pushed to be *more* confident."""
+    l_t = torch.tensor([-0.5 * tau, -5.0 * tau, -1e-4 * tau], dtype=torch.float64)   # a < b
+    l_s = torch.tensor([-1e-7 * tau, -1e-8 * tau, -1e-7 * tau], dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad(alm_loss(l_t, l_s, tau=tau, reduction="sum"), l_s)
+    g_ref, = torch.autograd.grad(naive_alm(l_t, l_s, tau).sum(), l_s)
+    assert bool((g_ref > 0).all()) and bool((g > 0).all()), (g, g_ref)
+    assert bool(torch.isfinite(g).all())
+    # a teacher more confident still than the clamp point pulls the student up
+    g_up, = torch.autograd.grad(alm_loss(torch.tensor([0.0], dtype=torch.float64), l_s[:1], tau=tau), l_s)
+    assert float(g_up[0]) < 0

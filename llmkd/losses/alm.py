@@ -15,7 +15,9 @@ import torch
 from llmkd.losses.divergences import compute_dtype, reduce
 
 # b is capped at exp(-_EPS) inside log(1 - b) only, so a student that puts probability ~1 on a
-# chunk gives a finite loss (and a zero gradient through that term) instead of -inf / nan.
+# chunk gives a finite loss instead of -inf / nan. The cap passes the gradient straight through
+# (evaluated at the cap): d loss / d x_S = (b - a) / (1 - b) keeps its sign, so a student more
+# confident than the teacher is still pushed down (a zero gradient there left -a, pushing it up).
 _EPS = 1e-6
 
 
@@ -49,7 +51,8 @@ def alm_loss(
     x_t = (teacher_chunk_logp.detach().to(dtype) / tau).clamp(max=0.0)
     x_s = (student_chunk_logp.to(dtype) / tau).clamp(max=0.0)
     a = x_t.exp()
-    values = -(a * x_s + (1.0 - a) * log1mexp(x_s.clamp(max=-_EPS)))
+    x_cap = x_s + (x_s.clamp(max=-_EPS) - x_s).detach()   # value capped, gradient straight through
+    values = -(a * x_s + (1.0 - a) * log1mexp(x_cap))
     return reduce(values, mask, reduction, num_items)
 
 
