@@ -58,7 +58,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from llmkd.data.recipes import load_recipe
-    from llmkd.generation.backends import SamplingSpec, make_backend
+    from llmkd.generation.backends import make_backend
+    from llmkd.generation.spec import SamplingSpec
     from llmkd.generation.run import GenerationConfig, build_prompts, resolve_model
 
     tmp = tempfile.TemporaryDirectory()
@@ -100,7 +101,7 @@ def main() -> None:
         backend = make_backend(kind, str(model_dir), max_model_len=512 if args.quick else 1024, **kwargs)
         entry = {"startup_s": round(time.perf_counter() - t0, 2)}
         t0 = time.perf_counter()
-        backend.generate(prompts[:2], SamplingSpec(max_new_tokens=8), progress=False)
+        backend.generate(prompts[:2], SamplingSpec(temperature=0.0, max_new_tokens=8), progress=False)
         entry["warmup_s"] = round(time.perf_counter() - t0, 2)
         for name, (batch, spec, repeats) in workloads.items():
             runs = []

@@ -20,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from llmkd.generation import run as run_mod  # noqa: E402
-from llmkd.generation.backends import Completion, SamplingSpec, make_backend  # noqa: E402
+from llmkd.generation.backends import make_backend  # noqa: E402
+from llmkd.generation.spec import Completion, SamplingSpec  # noqa: E402
 from llmkd.generation.rationales import (  # noqa: E402
     YieldCounter, fewshot_messages, fewshot_text, parse_rationale)
 from llmkd.generation.run import GenerationConfig, load_config, run_generation  # noqa: E402
@@ -112,7 +113,7 @@ def test_vllm_topk_logprobs_match_transformers(vllm_backend, tokenizer, hf_model
 def test_hf_backend_same_interface(teacher, tokenizer, hf_model):
     backend = make_backend("hf", str(teacher), max_model_len=MAX_LEN, batch_size=2)
     prompts = _prompts(tokenizer, QUESTIONS)
-    greedy = backend.generate(prompts, SamplingSpec(max_new_tokens=10, logprobs=4), progress=False)
+    greedy = backend.generate(prompts, SamplingSpec(temperature=0.0, max_new_tokens=10, logprobs=4), progress=False)
     _check_against_forward(hf_model, prompts, greedy, k=4)
     for comps in greedy:   # greedy: the generated token is the top-1
         assert [row[0] for row in comps[0].topk_ids] == comps[0].token_ids

@@ -16,7 +16,8 @@ from llmkd import methods
 from llmkd.methods.base import HeadOutput, Method, MethodParams
 from llmkd.models.head import run_head
 from llmkd.training.pipeline import build_trainer, load_tokenizer
-from llmkd.generation.sampling import HFSampler, SamplingSpec
+from llmkd.generation.sampling import HFSampler
+from llmkd.generation.spec import SamplingSpec
 
 from helpers import tiny_config
 

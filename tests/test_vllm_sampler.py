@@ -13,7 +13,8 @@ import torch
 pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from llmkd.generation.sampling import SamplingSpec, cut_at_eos, make_sampler  # noqa: E402
+from llmkd.generation.sampling import make_sampler  # noqa: E402
+from llmkd.generation.spec import SamplingSpec, cut_at_eos  # noqa: E402
 
 PROMPTS = [[1, 4, 100, 200, 7], [1, 5, 9, 30, 40, 50], [1, 300, 301, 302, 17, 18]]
 

@@ -56,33 +56,19 @@ def per_example_scores(student: torch.nn.Module, features: Any, collator: Any, *
 def greedy_accuracy(student: torch.nn.Module, tokenizer: Any, prompts: list[str], golds: list[str], *,
                     kind: str, max_new_tokens: int, batch_size: int = 16) -> dict[str, float]:
     """Greedy answers to `prompts` (chat template), scored like `llmkd eval` (Wilson 95 % CI)."""
-    from transformers import GenerationConfig
-
     from llmkd.data.collate import chat_prompt_ids
+    from llmkd.generation.hf import hf_generate
+    from llmkd.generation.spec import SamplingSpec, eos_ids
 
-    device = next(student.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                              eos_token_id=tokenizer.eos_token_id, repetition_penalty=1.0)
-    owner = student.get_base_model() if hasattr(student, "get_base_model") else student
-    saved, owner.generation_config = owner.generation_config, config   # nothing from the checkpoint's
+    spec, eos = SamplingSpec(temperature=0.0, max_new_tokens=max_new_tokens), eos_ids(tokenizer, student)
     correct = 0
-    try:
-        for start in range(0, len(prompts), batch_size):
-            ids = [chat_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
-            width = max(map(len, ids))
-            x = torch.full((len(ids), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(x)
-            for i, p in enumerate(ids):          # left-padded
-                x[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
-            out = student.generate(input_ids=x.to(device), attention_mask=mask.to(device),
-                                   generation_config=config)
-            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            correct += sum(is_correct(extract_answer(t, kind), g, kind)
-                           for t, g in zip(texts, golds[start:start + batch_size]))
-    finally:
-        owner.generation_config = saved
+    for start in range(0, len(prompts), batch_size):
+        ids = [chat_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+        outs = hf_generate(student, ids, spec, pad_id=pad, eos_ids=eos)
+        texts = [tokenizer.decode(c[0].token_ids, skip_special_tokens=True) for c in outs]
+        correct += sum(is_correct(extract_answer(t, kind), g, kind)
+                       for t, g in zip(texts, golds[start:start + batch_size]))
     n = len(prompts)
     low, high = wilson_interval(correct, n)
     return {"accuracy": correct / n, "ci_low": low, "ci_high": high, "n": n}

@@ -45,7 +45,8 @@ def evaluate_reasoning(model_path: str | Path, recipe: Any, *, backend: str = "v
     from llmkd.data.collate import chat_prompt_ids
     from llmkd.data.recipes import Recipe, load_recipe
     from llmkd.eval.metrics import load_metric
-    from llmkd.generation.backends import SamplingSpec, check_model_dir, make_backend
+    from llmkd.generation.backends import check_model_dir, make_backend
+    from llmkd.generation.spec import SamplingSpec
 
     started = time.time()
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(str(recipe))

@@ -21,6 +21,7 @@ import torch
 from llmkd.eval.closeness import acceptance_rate, block_efficiency, teacher_closeness  # noqa: F401 (acceptance_rate: public here too)
 from llmkd.fsutil import atomic_write_text
 from llmkd.generation.spec import cut_at_eos
+from llmkd.generation.spec import eos_ids as eos_of   # `eos_ids` names a list below
 
 
 # -- measured speculative decoding (transformers assisted generation) ------------------------
@@ -250,9 +251,7 @@ def evaluate_speculative(target_path: str, draft_path: str, recipe: Any, *, gamm
     texts = [prompt_prefix + p for p in rows["prompt"]]
     prompts = [chat_prompt_ids(tokenizer, p) if use_chat_template
                else tokenizer(p, add_special_tokens=True)["input_ids"] for p in texts]
-    eos = target.generation_config.eos_token_id
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    eos_ids = sorted(set(eos if isinstance(eos, list) else [eos]))
+    eos_ids = sorted(eos_of(tokenizer, target))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     m = measure_speculative(target, draft, prompts, gamma=gamma, max_new_tokens=max_new_tokens,
                             eos_ids=eos_ids, pad_id=pad)

@@ -10,52 +10,15 @@ import dataclasses
 import gc
 import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from llmkd.generation.hf import hf_generate
+from llmkd.generation.spec import Completion, SamplingSpec, eos_ids
 
 BACKENDS = ("vllm", "hf")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 CPU_KV_CACHE_BYTES = 512 * 2**20   # vLLM on CPU: enough for a 135M model's batch of short prompts
-
-
-@dataclass
-class SamplingSpec:
-    """How to sample. `logprobs` = top-k entries kept per generated token (0 = none)."""
-
-    n: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    logprobs: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"sampling n={self.n}: need at least 1 completion per prompt")
-        if self.temperature < 0:
-            raise ValueError(f"sampling temperature={self.temperature}: must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling top_p={self.top_p}: must be in (0, 1]")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"sampling max_new_tokens={self.max_new_tokens}: must be >= 1")
-        if self.logprobs < 0:
-            raise ValueError(f"sampling logprobs={self.logprobs}: must be >= 0 (0 = none)")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-@dataclass
-class Completion:
-    """One generated continuation; top-k lists are per generated token, k entries, best first."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str                       # "stop" (EOS/stop token) | "length"
-    topk_ids: list[list[int]] | None = None
-    topk_logprobs: list[list[float]] | None = None
 
 
 class Backend(Protocol):
@@ -108,7 +71,7 @@ class VLLMBackend:
 
         params = [SamplingParams(
             n=spec.n, temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_new_tokens,
-            logprobs=spec.logprobs or None, seed=prompt_seed(spec.seed, p)) for p in prompts]
+            logprobs=spec.logprobs or None, seed=prompt_seed(spec.seed or 0, p)) for p in prompts]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress)
         return [[self._completion(c, spec.logprobs) for c in sorted(o.outputs, key=lambda c: c.index)]
                 for o in outs]
@@ -164,10 +127,7 @@ class HFBackend:
         self.batch_size = batch_size
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
-        eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = eos_ids(self.tokenizer, self.model)
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec, *,
                  progress: bool = True) -> list[list[Completion]]:
@@ -179,60 +139,24 @@ class HFBackend:
         bar = tqdm(total=len(prompts), desc="hf generate", disable=not progress, unit="prompt")
         for b, start in enumerate(range(0, len(order), self.batch_size)):
             idx = order[start:start + self.batch_size]
-            for i, comps in zip(idx, self._batch([prompts[i] for i in idx], spec, spec.seed + b)):
+            for i, comps in zip(idx, self._batch([prompts[i] for i in idx], spec, (spec.seed or 0) + b)):
                 results[i] = comps
             bar.update(len(idx))
         bar.close()
         return results
 
     def _batch(self, prompts: list[list[int]], spec: SamplingSpec, seed: int) -> list[list[Completion]]:
-        import torch
-        from transformers import GenerationConfig
-
         width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, p in enumerate(prompts):
-            input_ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
         max_new = min(spec.max_new_tokens, self.max_model_len - width)
         if max_new < 1:
             raise ValueError(f"a prompt of {width} tokens leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
-        # Sampling knobs explicit: unset ones would be filled from the checkpoint's generation_config
-        # or transformers' defaults (top_k=50), unlike vLLM's SamplingParams. Greedy n>1 = copies.
-        reps = 1 if spec.greedy else spec.n
-        sampling = ({"do_sample": False} if spec.greedy else
-                    {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p, "top_k": 0})
-        gen_cfg = GenerationConfig(
-            **sampling, repetition_penalty=1.0, max_new_tokens=max_new,
-            num_return_sequences=reps, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
-            return_dict_in_generate=True, output_logits=bool(spec.logprobs),
-        )
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            out = self.model.generate(input_ids=input_ids.to(self.device),
-                                      attention_mask=mask.to(self.device), generation_config=gen_cfg)
-        new = out.sequences[:, width:].cpu()
-        topv = topi = None
-        if spec.logprobs:
-            logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)   # (B*n, T, V), raw T=1
-            topv, topi = logp.topk(spec.logprobs, dim=-1)
-            topv, topi = topv.cpu(), topi.cpu()
-        comps: list[Completion] = []
-        for r in range(new.shape[0]):
-            ids = new[r].tolist()
-            end = next((t + 1 for t, tok in enumerate(ids) if tok in self.eos_ids), None)
-            ids = ids[:end] if end is not None else ids
-            comps.append(Completion(
-                token_ids=ids, text=self.tokenizer.decode(ids, skip_special_tokens=True),
-                finish_reason="stop" if end is not None else "length",
-                topk_ids=topi[r, :len(ids)].tolist() if topi is not None else None,
-                topk_logprobs=topv[r, :len(ids)].tolist() if topv is not None else None,
-            ))
-        if spec.greedy:
-            return [[dataclasses.replace(c) for _ in range(spec.n)] for c in comps]
-        return [comps[i * reps:(i + 1) * reps] for i in range(len(prompts))]
+        spec = dataclasses.replace(spec, max_new_tokens=max_new, seed=seed)
+        out = hf_generate(self.model, prompts, spec, pad_id=self.pad_id, eos_ids=self.eos_ids)
+        for comps in out:
+            for c in comps:
+                c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        return out
 
     def close(self) -> None:
         self.model = None

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkd.generation.backends import BACKENDS, DTYPES, Completion, SamplingSpec
+from llmkd.generation.backends import BACKENDS, DTYPES
+from llmkd.generation.spec import Completion, SamplingSpec
 
 if TYPE_CHECKING:
     import pyarrow as pa

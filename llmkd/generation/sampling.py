@@ -1,15 +1,15 @@
 """Sampling responses inside training (on-policy and sequence-level KD).
 
 On-policy KD is only on-policy if the samples follow the student's own distribution at the
-method's temperature / top-p: nothing may be inherited from a checkpoint's generation_config
-(Qwen2.5-Instruct ships top_k=20 and repetition_penalty=1.05, transformers defaults to top_k=50).
-Every sampler therefore takes an explicit `SamplingSpec` and applies exactly that.
+method's temperature / top-p: every sampler takes an explicit `SamplingSpec` and applies exactly
+that (`llmkd.generation.hf` says why nothing comes from the checkpoint's generation_config).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from llmkd.generation.spec import SamplingSpec, cut_at_eos
+from llmkd.generation.hf import hf_generate
+from llmkd.generation.spec import SamplingSpec
 from llmkd.validation import check_keys, type_ok
 
 if TYPE_CHECKING:
@@ -51,37 +51,8 @@ class HFSampler:
 
     def sample(self, model: "torch.nn.Module", prompts: list[list[int]], spec: SamplingSpec,
                eos_ids: set[int]) -> list[list[int]]:
-        import torch
-        from transformers import GenerationConfig
-
-        device = next(model.parameters()).device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):          # left-padded: generation continues every row
-            ids[i, width - len(p):] = torch.tensor(p, device=device)
-            mask[i, width - len(p):] = 1
-        config = GenerationConfig(
-            do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
-            max_new_tokens=spec.max_new_tokens, pad_token_id=self.pad,
-            eos_token_id=sorted(eos_ids), use_cache=True)
-        # generate() merges the model's own generation_config into ours where ours holds a
-        # default (repetition_penalty 1.0 would become the checkpoint's 1.05): swap it out.
-        # A PEFT wrapper reads (and on generate copies) the base model's config: swap it there.
-        owner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        saved = owner.generation_config
-        owner.generation_config = config
-        devices = [device] if device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices, enabled=spec.seed is not None):
-                if spec.seed is not None:
-                    torch.manual_seed(spec.seed)
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        finally:
-            owner.generation_config = saved
-            if owner is not model:
-                model.__dict__.pop("generation_config", None)   # never shadow the base's own
-        return [cut_at_eos(row, eos_ids, spec.max_new_tokens) for row in out[:, width:].tolist()]
+        out = hf_generate(model, prompts, spec, pad_id=self.pad, eos_ids=eos_ids)
+        return [comps[0].token_ids for comps in out]
 
 
 def make_sampler(name: str, pad_token_id: int, **options: Any) -> Sampler:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from llmkd.generation.sampling import SamplingSpec
+from llmkd.generation.spec import SamplingSpec
 from llmkd.models.output import HeadOutput, TeacherTargets
 from llmkd.validation import check_keys, coerce
 

@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 from llmkd.data.alignment import AlignedText, ChunkAligner, boundary_token_ids, merge_at_word_ends, offsets_backend
 from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets, as_mean, output_rows, pad_id
-from llmkd.generation.sampling import SamplingSpec, check_sampler
+from llmkd.generation.sampling import check_sampler
+from llmkd.generation.spec import SamplingSpec
 from llmkd.models.logps import chunk_logps, rows_at
 
 if TYPE_CHECKING:   # torch loads lazily: configs validate these Params without it

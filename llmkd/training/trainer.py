@@ -26,6 +26,7 @@ from llmkd.methods import get_method
 from llmkd.methods.base import Method, pad_id
 from llmkd.models.head import forward_head, lm_head_of, verify_head
 from llmkd.generation.sampling import HFSampler, Sampler, make_sampler
+from llmkd.generation.spec import eos_ids
 from llmkd.teachers import Teacher, as_teacher
 
 METHOD_STATE = "llmkd_method_state.json"
@@ -141,7 +142,7 @@ class DistillationTrainer(Trainer):
         spec = dataclasses.replace(self.method.sampling(), seed=seed)
         prompt, pmask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         prompts = [prompt[i][pmask[i].bool()].tolist() for i in range(prompt.shape[0])]
-        eos_ids = _eos_ids(self.processing_class, self.accelerator.unwrap_model(generator))
+        eos = eos_ids(self.processing_class, self.accelerator.unwrap_model(generator))
         limit = getattr(getattr(self.args, "data", None), "max_length", None)
         if self._sampler is None:
             self._sampler = make_sampler(getattr(self.method.params, "sampler", "hf"),
@@ -153,7 +154,7 @@ class DistillationTrainer(Trainer):
             was_training = unwrapped.training
             unwrapped.eval()
             started = time.perf_counter()
-            responses = sampler.sample(unwrapped, prompts, spec, eos_ids)
+            responses = sampler.sample(unwrapped, prompts, spec, eos)
             self._metrics["sample_s"].append(time.perf_counter() - started)   # weight push included
             unwrapped.train(was_training)
         keep = {k: v for k, v in batch.items() if k not in _SEQUENCE_KEYS and not k.startswith("_")}
@@ -314,16 +315,6 @@ class _MethodStepCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._finish_step()
-
-
-def _eos_ids(tokenizer: PreTrainedTokenizerBase | None, model: torch.nn.Module) -> set[int]:
-    """Every id that ends a response: the tokenizer's eos and the checkpoint's (chat models list
-    several, e.g. <|im_end|> and <|endoftext|>)."""
-    ids: set[int] = set()
-    for eos in (getattr(tokenizer, "eos_token_id", None),
-                getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    return ids
 
 
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels", "prompt_input_ids", "prompt_attention_mask",
