@@ -157,7 +157,7 @@ def test_method_fused_reaches_the_loss(monkeypatch: pytest.MonkeyPatch):
     """`method.fused` of a token_kd / taid config is the mode the chunked loss resolves."""
     from llmkd.losses import chunked
     from llmkd.methods.base import HeadOutput, TeacherTargets
-    from llmkd.methods.token_kd import kd_divergence
+    from llmkd.methods.common import kd_divergence
     from llmkd.models.head import LMHead
 
     seen = []

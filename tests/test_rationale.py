@@ -16,7 +16,7 @@ from llmkd.data.collate import DistillCollator, tokenize_rows
 from llmkd.losses import divergence
 from llmkd.methods.base import TeacherTargets
 from llmkd.methods.rationale import LABEL, RATIONALE, Rationale, RationaleParams
-from llmkd.methods.token_kd import shifted_mask
+from llmkd.methods.common import shifted_mask
 from llmkd.models.head import forward_head
 from llmkd.training.pipeline import build_trainer, load_tokenizer
 

@@ -20,7 +20,9 @@ import torch
 
 from llmkd.methods.base import HeadOutput, TeacherTargets
 from llmkd.methods.params import TokenKDParams
-from llmkd.methods.token_kd import ServedTargets, TokenKD, shifted_mask
+from llmkd.methods.common import shifted_mask
+from llmkd.methods.token_kd import TokenKD
+from llmkd.teachers.served import ServedTargets
 
 
 @dataclass

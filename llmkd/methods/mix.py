@@ -148,7 +148,7 @@ class TeacherMix(Method):
 
         import torch
 
-        from llmkd.methods.token_kd import head_logits
+        from llmkd.methods.common import head_logits
 
         terms = []
         for name, method in self.methods.items():

@@ -29,7 +29,7 @@ from llmkd.losses import divergence
 from llmkd.losses.divergences import compute_dtype
 from llmkd.methods.base import HeadOutput, Method, TeacherTargets
 from llmkd.methods.params import LABEL, RATIONALE, RationaleParams   # torch-free: configs validate before torch loads
-from llmkd.methods.token_kd import shifted_mask
+from llmkd.methods.common import shifted_mask
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -16,7 +16,7 @@ import torch
 from llmkd.losses import TAIDSchedule, taid_loss
 from llmkd.losses.taid import check_schedule
 from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets, as_mean
-from llmkd.methods.token_kd import head_logits, shifted_mask
+from llmkd.methods.common import head_logits, shifted_mask
 from llmkd.models.head import chunked_divergence_heads
 from llmkd.validation import check_fused
 

@@ -12,43 +12,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmkd.losses import divergence
+from llmkd.generation.spec import SamplingSpec
 from llmkd.losses.divergences import reduce
 from llmkd.methods.base import HeadOutput, Method, TeacherTargets, as_mean
+from llmkd.methods.common import head_logits, kd_divergence, shifted_mask
 from llmkd.methods.params import TokenKDParams   # torch-free: configs validate before torch loads
-from llmkd.models.head import chunked_divergence_heads
-from llmkd.generation.sampling import SamplingSpec
 from llmkd.teachers import resolve
 from llmkd.teachers.served import ServedTargets  # noqa: F401  (its old home: re-exported)
-
-
-def shifted_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Position i predicts token i+1: the loss mask is labels[:, 1:] != -100."""
-    return labels[:, 1:] != -100
-
-
-def kd_divergence(student: HeadOutput, targets: TeacherTargets, labels: torch.Tensor,
-                  p: TokenKDParams, num_items: torch.Tensor | int | None) -> torch.Tensor:
-    """The token KD divergence, dispatched on what the teacher and student provided."""
-    mask = shifted_mask(labels)
-    kw = dict(beta=p.beta, lam=p.lam, temperature=p.temperature, num_items=num_items)
-    if targets.topk_ids is not None:
-        from llmkd.losses import sparse_divergence
-
-        logits = head_logits(student)
-        return sparse_divergence(logits[:, :-1], targets.topk_ids[:, 1:], targets.topk_logprobs[:, 1:],
-                                 p.kind, mask=mask, **kw)
-    t = targets.output
-    if student.logits is None and t.logits is None:
-        return chunked_divergence_heads(student.hidden[:, :-1], student.head, t.hidden[:, :-1], t.head,
-                                        p.kind, mask=mask, chunk_size=p.chunk_size, fused=p.fused, **kw)
-    # one side fell back to full logits (a head the chunked loss cannot apply): both full
-    return divergence(head_logits(student)[:, :-1], head_logits(t)[:, :-1], p.kind, mask=mask, **kw)
-
-
-def head_logits(out: HeadOutput) -> torch.Tensor:
-    """Full logits of a `HeadOutput`, applying its head where only hidden states were kept."""
-    return out.logits if out.logits is not None else out.head.logits(out.hidden)
 
 
 class TokenKD(Method):
