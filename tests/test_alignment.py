@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from llmkd.data.alignment import (ChunkAligner, align_chat, align_chunks, chunk_index,
-                             chunks_from_offsets, encode_with_offsets)
+from llmkd.data.alignment import ChunkAligner, align_chunks, chunks_from_offsets, encode_with_offsets
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # pieces that stress the alignment: multi-byte characters, emoji (4 bytes, ZWJ sequences),
@@ -194,12 +193,6 @@ def test_known_chunks_for_a_multibyte_split() -> None:
     assert chunks_from_offsets(off_a, off_c) == [((0, 3), (0, 2))]
 
 
-def test_chunk_index_layout() -> None:
-    chunks = [((0, 2), (0, 1)), ((2, 3), (1, 3))]
-    assert chunk_index(chunks, 6, 0, offset=2) == [-1, -1, 0, 0, 1, -1]
-    assert chunk_index(chunks, 4, 1, first_chunk=5) == [5, 6, 6, -1]
-
-
 def test_batched_aligner_equals_single(pair) -> None:
     a, b = pair
     batch = ["Hello world", "", "😀 é 123", "<|end|> x  y"]
@@ -208,39 +201,6 @@ def test_batched_aligner_equals_single(pair) -> None:
         assert row.chunks == align_chunks(text, a, b)
         assert row.ids_a == a(text, add_special_tokens=False)["input_ids"]
         assert row.ids_b == b(text, add_special_tokens=False)["input_ids"]
-
-
-@SETTINGS
-@given(user=st.text(min_size=1, max_size=30).filter(lambda s: s.strip() == s and s),
-       reply=st.text(min_size=1, max_size=30).filter(lambda s: s.strip() == s and s))
-def test_chat_templates_align_on_content(pair, user: str, reply: str) -> None:
-    """Each tokenizer renders its own template; chunks cover exactly the message contents."""
-    a, b = pair
-    msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-    out = align_chat(msgs, a, b)
-    assert out.ids_a == a.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
-    assert out.ids_b == b.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
-    assert out.chunk_message == sorted(out.chunk_message)
-    for k, content in enumerate((user, reply)):
-        mine = [c for c, m in zip(out.chunks, out.chunk_message) if m == k]
-        da = "".join(a.decode(out.ids_a[c[0][0]:c[0][1]], clean_up_tokenization_spaces=False) for c in mine)
-        db = "".join(b.decode(out.ids_b[c[1][0]:c[1][1]], clean_up_tokenization_spaces=False) for c in mine)
-        assert da == db
-        # tokens merging template text with the content's edge stay out; the rest is covered
-        assert da in content and content.find(da) + len(da) <= len(content)
-        for (sa, ea), (sb, eb) in mine:
-            assert a.decode(out.ids_a[sa:ea], clean_up_tokenization_spaces=False) == \
-                b.decode(out.ids_b[sb:eb], clean_up_tokenization_spaces=False)
-
-
-def test_chat_template_plain_words_fully_covered(pair) -> None:
-    a, b = pair
-    msgs = [{"role": "user", "content": "What is 12 + 30?"},
-            {"role": "assistant", "content": "The answer is 42."}]
-    out = align_chat(msgs, a, b)
-    for k, m in enumerate(msgs):
-        mine = [c for c, o in zip(out.chunks, out.chunk_message) if o == k]
-        assert "".join(a.decode(out.ids_a[c[0][0]:c[0][1]]) for c in mine) == m["content"]
 
 
 def test_slow_tokenizer_fails_with_the_fix(pair) -> None:
@@ -270,20 +230,3 @@ def test_chunks_equal_trl_gold_groups_on_ascii(gold_pair, text: str) -> None:
     groups_a, groups_b = ULDLoss._align_by_byte_offsets(offs_a, offs_b)
     assert [list(range(*c[0])) for c in ours] == groups_a
     assert [list(range(*c[1])) for c in ours] == groups_b
-
-
-def test_chat_content_equal_to_template_text_is_found_in_place(pair) -> None:
-    """A content that also occurs in the template's own text ("user") is located where the
-    template put it, not at its first occurrence."""
-    from llmkd.data.alignment import render_chat
-
-    a, b = pair
-    msgs = [{"role": "user", "content": "user"}, {"role": "assistant", "content": "  [USER]: end|>  "}]
-    for tok in (a, b):
-        text, spans = render_chat(tok, msgs)
-        marked = tok.apply_chat_template([{**m, "content": "@@"} for m in msgs], tokenize=False)
-        assert [text[s:e] for s, e in spans] == ["user", "[USER]: end|>" if tok is b else msgs[1]["content"]]
-        assert spans[0][0] == marked.index("@@")
-    out = align_chat(msgs, a, b)
-    reply = [c for c, m in zip(out.chunks, out.chunk_message) if m == 1]
-    assert "".join(a.decode(out.ids_a[c[0][0]:c[0][1]]) for c in reply) == "[USER]: end|>"

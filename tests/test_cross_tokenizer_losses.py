@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llmkd.data.alignment import align_chunks, chunk_index
+from llmkd.data.alignment import align_chunks
 from llmkd.losses import alm_loss, boundary_logp, uld_loss
 from llmkd.losses.alm import chunk_sums
 
@@ -148,8 +148,10 @@ def test_alm_identical_tokenizers_equals_per_token_alm() -> None:
     g = torch.Generator().manual_seed(0)
     t_logits = torch.randn(1, ids.shape[1], len(tok), generator=g, dtype=torch.float64) * 3
     s_logits = torch.randn(1, ids.shape[1], len(tok), generator=g, dtype=torch.float64).requires_grad_()
-    # chunks from token 1 on (token 0 has no prediction), laid out per token
-    index = torch.tensor([chunk_index(chunks[1:], ids.shape[1], 0)])
+    # chunks from token 1 on (token 0 has no prediction), laid out per token: its chunk id or -1
+    index = torch.full_like(ids, -1)
+    for k, ((start, end), _) in enumerate(chunks[1:]):
+        index[0, start:end] = k
     n = len(chunks) - 1
     ours = alm_loss(chunk_sums(token_logp(t_logits, ids), index, n),
                     chunk_sums(token_logp(s_logits, ids), index, n), tau=2.0)

@@ -29,7 +29,7 @@ IDS = [f"{k}-b{b}-l{l}" for k, b, l in CASES]
 def naive_from_probs(
     p: torch.Tensor, q: torch.Tensor, kind: str, beta: float, lam: float
 ) -> torch.Tensor:
-    """The DESIGN §3 formulas, literally: p teacher, q student, summed over the last dim."""
+    """The papers' formulas, literally: p teacher, q student, summed over the last dim."""
     if kind == "jsd" and beta == 0.0:
         kind = "fkl"
     if kind == "jsd" and beta == 1.0:

@@ -103,7 +103,7 @@ def test_bad_inputs_fail_clearly() -> None:
 
 def naive_schedule(losses: list[float], t_start: float, t_end: float, alpha: float, beta: float,
                    total: int) -> list[float]:
-    """DESIGN §3 written out: the first step only records L_prev (and applies the floor)."""
+    """The TAID schedule (Shing et al., 2025) written out: the first step only records L_prev (and applies the floor)."""
     t, m, prev, out = t_start, 0.0, None, []
     for step, loss in enumerate(losses, start=1):
         delta = 0.0

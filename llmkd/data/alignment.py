@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -254,85 +254,3 @@ def boundary_token_ids(tokenizer: "PreTrainedTokenizerBase") -> list[int]:
     ids = [i for i, t in enumerate(texts) if i in special or t[len(prefix):][:1].isspace()]
     _BOUNDARY[tokenizer] = (len(tokenizer), ids)
     return ids
-
-
-def render_chat(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]],
-                **template_kwargs: Any) -> tuple[str, list[Span]]:
-    """The tokenizer's own chat template applied to `messages`, and the character span of each
-    message's content in the rendered text.
-
-    The template is rendered once more with a unique marker as each content, which shows where
-    the template puts every content (a content such as "user" would otherwise also match the
-    template's own text); templates that trim contents are matched on the trimmed content.
-    """
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat_template; "
-                         "set tokenizer.chat_template or align plain text with align_chunks")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
-    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]     # private-use characters
-    probe = tokenizer.apply_chat_template([{**m, "content": k} for m, k in zip(messages, marks)],
-                                          tokenize=False, **template_kwargs)
-    spans, rebuilt, cursor = [], "", 0
-    for i, (m, mark) in enumerate(zip(messages, marks)):
-        at = probe.find(mark, cursor)
-        start = len(rebuilt) + at - cursor
-        content = next((c for c in (m["content"], m["content"].strip()) if text.startswith(c, start)), None)
-        if at < 0 or content is None:
-            raise ValueError(f"message {i} ({m['role']}): the chat template does not render its "
-                             "content verbatim, so it cannot be aligned across tokenizers")
-        rebuilt += probe[cursor:at] + content
-        spans.append((start, start + len(content)))
-        cursor = at + len(mark)
-    if rebuilt + probe[cursor:] != text:
-        raise ValueError("the chat template renders differently depending on the message contents; "
-                         "align the contents as plain text with align_chunks instead")
-    return text, spans
-
-
-@dataclass
-class AlignedChat:
-    """A conversation under each tokenizer's own chat template; chunks cover message contents
-    only (template tokens differ between tokenizers and have no counterpart). `chunk_message[k]`
-    is the message index chunk k belongs to."""
-
-    ids_a: list[int]
-    ids_b: list[int]
-    chunks: list[Chunk]
-    chunk_message: list[int]
-
-
-def align_chat(messages: list[dict[str, str]], tokenizer_a: "PreTrainedTokenizerBase",
-               tokenizer_b: "PreTrainedTokenizerBase", **template_kwargs: Any) -> AlignedChat:
-    """Render `messages` with each tokenizer's own chat template (special tokens are part of the
-    template text) and align the tokens of each message's content."""
-    text_a, spans_a = render_chat(tokenizer_a, messages, **template_kwargs)
-    text_b, spans_b = render_chat(tokenizer_b, messages, **template_kwargs)
-    (ids_a, off_a), = encode_with_offsets(tokenizer_a, [text_a])
-    (ids_b, off_b), = encode_with_offsets(tokenizer_b, [text_b])
-    chunks, owner = [], []
-    for i, (m, ra, rb) in enumerate(zip(messages, spans_a, spans_b)):
-        if ra[1] - ra[0] != rb[1] - rb[0]:   # one template trimmed the content, the other did not
-            ra, rb = _narrow(text_a, ra, m["content"].strip()), _narrow(text_b, rb, m["content"].strip())
-        found = chunks_from_offsets(off_a, off_b, region=ra, region_b=rb)
-        chunks += found
-        owner += [i] * len(found)
-    return AlignedChat(ids_a, ids_b, chunks, owner)
-
-
-def _narrow(text: str, span: Span, content: str) -> Span:
-    """The span of `content` inside `span` of `text`."""
-    pos = text.find(content, span[0], span[1])
-    return (pos, pos + len(content))
-
-
-def chunk_index(chunks: Iterable[Chunk], length: int, side: int, *, offset: int = 0,
-                first_chunk: int = 0) -> list[int]:
-    """Per token of one side (0 = a, 1 = b), the id of its chunk or -1: the layout the losses'
-    segment sums take. `offset` shifts token indices (e.g. by a prompt length), `first_chunk`
-    numbers chunks after ones already laid out."""
-    index = [-1] * length
-    for k, chunk in enumerate(chunks):
-        start, end = chunk[side]
-        for t in range(start + offset, min(end + offset, length)):
-            index[t] = first_chunk + k
-    return index

@@ -233,12 +233,6 @@ class ShardWriter:
         self._dropped = []
         self._next += 1
 
-    def write_manifest(self, **metadata: Any) -> None:
-        """Rewrite manifest.json from the shards on disk, merging in run `metadata`."""
-        _merge(self.metadata, metadata)
-        with self._locked():
-            self._write_manifest_locked()
-
     def _write_manifest_locked(self, totals: Callable[[], dict] | None = None) -> None:
         path = self.out_dir / MANIFEST
         for stale in self.out_dir.glob(f"{MANIFEST}{TMP_MARK}*"):   # nobody else holds the lock

@@ -313,8 +313,8 @@ def chunked_divergence(
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(
             f"student vocab {student_weight.shape[0]} and teacher vocab {teacher_weight.shape[0]} "
-            "differ; token_kd needs one shared vocabulary (different tokenizers need cross-tokenizer "
-            "distillation, not built yet)"
+            "differ; token_kd needs one shared vocabulary (for different tokenizers use "
+            "method.name=cross_tokenizer)"
         )
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(

@@ -50,7 +50,7 @@ def per_token_divergence(
 ) -> torch.Tensor:
     """Divergence per position from normalised log-probs (..., V) -> (...).
 
-    The convention matches DESIGN §3 and TRL's GKD: jsd at beta=0 is exactly forward KL and at
+    The convention matches GKD (Agarwal et al., 2024) and TRL's GKDTrainer: jsd at beta=0 is exactly forward KL and at
     beta=1 exactly reverse KL; in between m = beta p + (1 - beta) q.
     """
     s, t = student_logp, teacher_logp
@@ -127,7 +127,7 @@ def divergence(
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ; token_kd needs one shared vocabulary "
-            "(different tokenizers need cross-tokenizer distillation, not built yet)"
+            "(for different tokenizers use method.name=cross_tokenizer)"
         )
     dtype = compute_dtype(student_logits)
     s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)

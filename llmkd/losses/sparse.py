@@ -74,8 +74,8 @@ def sparse_divergence(
     if teacher_topk_ids.numel() and int(teacher_topk_ids.max()) >= vocab:
         raise ValueError(
             f"teacher top-k id {int(teacher_topk_ids.max())} is outside the student vocabulary "
-            f"of {vocab}; teacher and student must share one tokenizer (cross-tokenizer "
-            "distillation is not built yet)"
+            f"of {vocab}; teacher and student must share one tokenizer (for different "
+            "tokenizers use method.name=cross_tokenizer)"
         )
 
     dtype = compute_dtype(student_logits)

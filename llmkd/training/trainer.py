@@ -1,9 +1,11 @@
 """DistillationTrainer: a `transformers.Trainer` that delegates the loss to a method plug-in.
 
-It overrides as little as it can: `compute_loss` (teacher targets -> method loss, normalised over
-the tokens of the whole accumulated batch), `_prepare_inputs` (on-policy / sequence-level
-sampling), `prediction_step` (eval loss = the KD divergence), `log` (eval logs gain the monitor's golden
-metric), and checkpointing of method state.
+It overrides as little as it can: `get_batch_samples` (on-policy / sequence-level sampling, then
+the loss items of the whole accumulated window), `compute_loss` (teacher targets -> method loss,
+normalised over those items), `training_step` / `_maybe_log_save_evaluate` (the step's loss goes to
+the method; non-finite steps stop before anything is saved), `prediction_step` (eval loss = the KD
+divergence), `log` (eval logs gain the monitor's golden metric), and atomic checkpointing with the
+method's state (`_save_checkpoint`, `_save`, `train` for resume and signals).
 Every TrainingArguments feature (grad accumulation, bf16, gradient checkpointing, report_to,
 checkpoint resume, DeepSpeed, PEFT) stays the Trainer's own.
 """
