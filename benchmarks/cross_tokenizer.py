@@ -33,25 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import run_config, step_timer
+
 HERE = Path(__file__).resolve().parent
-
-
-def step_timer() -> Any:
-    """A TrainerCallback recording the wall time of every optimizer step."""
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self._t = 0.0
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self._t = time.perf_counter()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.times.append(time.perf_counter() - self._t)
-
-    return StepTimer()
 
 
 def teacher_and_recipe(args: argparse.Namespace) -> tuple[str, Any]:
@@ -103,16 +87,10 @@ def prepare_student(teacher_dir: str, recipe: Any, out: Path, args: argparse.Nam
 
 
 def config(args: argparse.Namespace, out: Path, model: dict, method: dict, steps: int) -> Any:
-    from llmkd.training.config import config_from_dict
-
-    return config_from_dict({
-        "output_dir": str(out), "overwrite_output_dir": True, "max_steps": steps,
-        "learning_rate": args.lr, "per_device_train_batch_size": args.batch, "lr_scheduler_type": "cosine",
-        "warmup_steps": max(1, steps // 20), "logging_steps": max(1, steps // 6), "use_cpu": True,
-        "save_strategy": "no", "report_to": "none", "seed": 0, "disable_tqdm": True,
-        "model": model, "data": {"recipe": "arithmetic", "num_train": args.num_train,
-                                 "num_eval": args.num_eval, "max_length": 256},
-        "method": method})
+    return run_config(out, steps=steps, lr=args.lr, batch=args.batch, model=model, method=method,
+                      data={"recipe": "arithmetic", "num_train": args.num_train, "num_eval": args.num_eval,
+                            "max_length": 256},
+                      warmup_steps=max(1, steps // 20))
 
 
 def accuracy(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import gc
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -31,9 +30,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import loss_memory  # noqa: E402
-import step_vs_trl  # noqa: E402
+import loss_memory
+import step_vs_trl
+from common import run_subprocess
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_suite.json"
 # (batch, seq, vocab, student hidden, teacher hidden)
@@ -81,7 +80,7 @@ def loss_rows(args: argparse.Namespace, deadline: float) -> dict[str, dict]:
                 rows[variant] = {"skipped": reason}
                 continue
             errors: list[str] = []
-            r = step_vs_trl.run_subprocess(
+            r = run_subprocess(
                 ["--child", variant, "--batch", str(b), "--seq", str(s), "--vocab", str(v),
                  "--hidden", str(h), "--teacher-hidden", str(ht), "--chunk-size", str(args.chunk_size),
                  "--device", args.device, "--dtype", dtype, "--repeats", str(args.repeats)],
@@ -264,9 +263,9 @@ def step_rows(args: argparse.Namespace, deadline: float, workdir: Path) -> dict[
             results[variant] = {"skipped": reason}
             continue
         errors: list[str] = []
-        r = step_vs_trl.run_subprocess(["--child", variant, "--data", str(data), "--steps", str(steps),
-                                        "--device", args.device], script=__file__,
-                                       timeout=args.row_timeout_s, errors=errors)
+        r = run_subprocess(["--child", variant, "--data", str(data), "--steps", str(steps),
+                            "--device", args.device], script=__file__,
+                           timeout=args.row_timeout_s, errors=errors)
         results[variant] = r if r is not None else {"failed": errors[-1] if errors else "?"}
         if r is not None:
             print(f"[step] {variant:12s} median {r['median_step_s']:.3f} s/step, extra "

@@ -27,11 +27,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from common import maxrss_mb, run_subprocess
 
 if TYPE_CHECKING:
     import torch
@@ -39,10 +39,6 @@ if TYPE_CHECKING:
 VARIANTS = ("naive", "llmkd", "llmkd_fused", "trl", "liger", "floor")
 RESULTS = Path(__file__).resolve().parent / "results" / "loss_memory.json"
 BETA = 0.5
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def matmul_floor(h_s: "torch.Tensor", w_s: "torch.Tensor", h_t: "torch.Tensor", w_t: "torch.Tensor",
@@ -147,7 +143,7 @@ def run_child(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated() / 2**20
     else:
-        baseline = _maxrss_mb()
+        baseline = maxrss_mb()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     times = []
     for _ in range(args.repeats if cuda else 1):
@@ -158,7 +154,7 @@ def run_child(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else maxrss_mb()
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "variant": args.child,
@@ -214,13 +210,9 @@ def main() -> None:
     sizes += ["--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats)]
     rows = []
     for variant in args.variants:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", variant, *sizes], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            print(f"{variant}: failed\n{proc.stderr[-2000:]}")
-            continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row = run_subprocess(["--child", variant, *sizes], script=__file__)
+        if row is not None:
+            rows.append(row)
 
     naive = next((r for r in rows if r["variant"] == "naive"), None)
     floor = next((r for r in rows if r["variant"] == "floor"), None)

@@ -31,9 +31,10 @@ import json
 import multiprocessing
 import platform
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from common import in_child, run_config
 
 import torch
 import torch.nn.functional as F
@@ -109,28 +110,15 @@ def generate(out: Path, teacher: str, backend: str, num_prompts: int, max_new_to
     return str(out)
 
 
-def in_child(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn(*args)` in a fresh spawned process (keeps vLLM's thread pinning out of this one)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
 def config(args: argparse.Namespace, teacher: str, data: str, out: Path, method: dict[str, Any],
            start: Path | None = None) -> Any:
     """The row's run; `start`: a trained student to continue from (else the teacher's layers)."""
-    from llmkd.training.config import config_from_dict
-
     student = {"student": str(start)} if start else {"student_layers": args.student_layers}
-    return config_from_dict({
-        "output_dir": str(out), "overwrite_output_dir": True, "max_steps": args.steps,
-        "per_device_train_batch_size": args.batch_size, "learning_rate": args.lr,
-        "lr_scheduler_type": "cosine", "warmup_steps": max(1, args.steps // 10),
-        "logging_steps": max(1, args.steps // 6), "save_strategy": "no", "use_cpu": True, "seed": 0,
-        "disable_tqdm": True, "report_to": "none",
-        "model": {"teacher": teacher, **student},
-        "data": {"path": data, "num_train": args.train_prompts, "num_eval": args.eval_prompts,
-                 "max_length": 256, "allow_fewer": True},
-        "method": method})
+    return run_config(out, steps=args.steps, lr=args.lr, batch=args.batch_size,
+                      model={"teacher": teacher, **student},
+                      data={"path": data, "num_train": args.train_prompts, "num_eval": args.eval_prompts,
+                            "max_length": 256, "allow_fewer": True},
+                      method=method)
 
 
 def measure(label: str, student: torch.nn.Module, trainer: Any, target: torch.nn.Module,

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from common import in_child, run_config
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "data_recipes" / "arithmetic_cot.yaml"
@@ -56,17 +56,13 @@ def generate(out: Path, num_prompts: int, offset: int, samples: int, temperature
 
 def train_student(out: Path, data: Path, *, alpha: float, args: argparse.Namespace) -> dict[str, Any]:
     """One student, derived from the teacher, trained with method rationale at `alpha`."""
-    from llmkd.training.config import config_from_dict
     from llmkd.training.pipeline import build_trainer
 
-    cfg = config_from_dict({
-        "output_dir": str(out), "max_steps": args.steps, "per_device_train_batch_size": args.batch_size,
-        "learning_rate": args.lr, "lr_scheduler_type": "cosine", "warmup_steps": max(1, args.steps // 10),
-        "logging_steps": max(1, args.steps // 6), "save_strategy": "no", "use_cpu": True, "seed": 0,
-        "disable_tqdm": True,
-        "model": {"teacher": "embedded", "teacher_mode": "offline", "student_layers": args.student_layers},
-        "data": {"path": str(data), "num_train": 100_000, "num_eval": 8, "max_length": 256},
-        "method": {"name": "rationale", "alpha": alpha}})
+    cfg = run_config(
+        out, steps=args.steps, lr=args.lr, batch=args.batch_size,
+        model={"teacher": "embedded", "teacher_mode": "offline", "student_layers": args.student_layers},
+        data={"path": str(data), "num_train": 100_000, "num_eval": 8, "max_length": 256},
+        method={"name": "rationale", "alpha": alpha})
     trainer = build_trainer(cfg)
     t0 = time.perf_counter()
     trainer.train()
@@ -115,12 +111,6 @@ def evaluate_all(work: Path, teacher: str, students: list[str], args: argparse.N
             "with_rationale": score(str(work / name), work / "eval" / f"{name}_cot", prefix=RATIONALE_PREFIX,
                                     max_new_tokens=args.cot_tokens, args=args)}
     return evals
-
-
-def in_child(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run `fn(*args)` in a fresh spawned process (keeps vLLM's thread pinning out of this one)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
 
 
 def cell(m: dict[str, Any]) -> str:

@@ -24,17 +24,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_vs_trl import (  # noqa: E402  (shared data and model setup of the step benchmarks)
-    QUICK_REGIMES, REGIMES, Regime, cpu_seconds, load_pair, peak_rss, reset_peak_rss,
-    resolve_model, run_subprocess, step_stats, token_rows, write_regime_data)
+from common import cpu_seconds, peak_rss, reset_peak_rss, run_subprocess, step_stats
+from step_vs_trl import (  # shared data and model setup of the step benchmarks
+    QUICK_REGIMES, REGIMES, Regime, load_pair, resolve_model, token_rows, write_regime_data)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_floor.json"
 VARIANTS = ("llmkd", "floor", "llmkd_grouped", "floor_grouped")

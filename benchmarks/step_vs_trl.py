@@ -33,13 +33,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from common import peak_rss, reset_peak_rss, run_subprocess, step_stats, step_timer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_vs_trl.json"
 BETA = 0.5
@@ -66,41 +66,6 @@ QUICK_REGIMES = {
     "short": Regime("short", "arithmetic", rows=16, batch=4, response_tokens=None, max_new_tokens=8),
     "long": Regime("long", "gsm_symbolic", rows=8, batch=2, response_tokens=48, max_new_tokens=48),
 }
-
-
-# -- memory ------------------------------------------------------------------------------------
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> float:
-    """Reset the process's peak-RSS mark (Linux clear_refs 5) and return the current RSS in MB."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_mb("VmRSS")
-
-
-def peak_rss() -> float:
-    return _status_mb("VmHWM")
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process (all threads): steadier than wall time when
-    other jobs share the cores."""
-    t = os.times()
-    return t.user + t.system
-
-
-def step_stats(wall: list[float], cpu: list[float]) -> dict[str, Any]:
-    """Per-step wall/CPU seconds; the median skips step 1 (one-off allocations, lazy init)."""
-    timed, timed_cpu = (wall[1:], cpu[1:]) if len(wall) > 1 else (wall, cpu)
-    return {"step_s": wall, "cpu_step_s": cpu, "step1_s": wall[0],
-            "median_step_s": statistics.median(timed), "median_cpu_step_s": statistics.median(timed_cpu),
-            "mean_step_s": statistics.mean(wall)}
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -276,34 +241,18 @@ def run_child(args: argparse.Namespace, instrument: Any = None) -> dict:
     """One variant's training run. ``instrument(trainer, device)``, when given, is called before
     training and returns a function of the step times whose dict joins the result."""
     import torch
-    from transformers import TrainerCallback
 
     data = json.loads(Path(args.data).read_text())
     regime = Regime(**data["regime"])
     record: dict[str, list] = {"loss": [], "loss_tokens": [], "padded_tokens": []}
-    stamps: list[float] = []
-
-    cpu_stamps: list[float] = []
     gpu = args.device != "cpu"
-
-    def stamp() -> None:
-        if gpu:   # kernels run asynchronously: a step ends when the GPU is done with it
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-        cpu_stamps.append(cpu_seconds())
-
-    class Stamps(TrainerCallback):
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
-            stamp()
-
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            stamp()
+    timer = step_timer(cuda=gpu)
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = build_trainer(args.child, data["model_dir"], data["rows"], regime, args.steps,
                                 out_dir, record, args.device)
-        trainer.add_callback(Stamps())
+        trainer.add_callback(timer)
         finish = instrument(trainer, args.device) if instrument else None
         setup_s = time.perf_counter() - t0
         if gpu:
@@ -313,11 +262,10 @@ def run_child(args: argparse.Namespace, instrument: Any = None) -> dict:
             baseline = reset_peak_rss()
         trainer.train()
         peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_rss()
-    steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    cpu_steps = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])]
+    steps = timer.times
     return {**(finish(steps) if finish else {}),
         "variant": args.child, "regime": regime.name, "setup_s": round(setup_s, 2),
-        **step_stats(steps, cpu_steps),
+        **step_stats(steps, timer.cpu_times),
         "loss": record["loss"], "loss_step1": record["loss"][0],
         "loss_tokens": record["loss_tokens"], "padded_tokens": record["padded_tokens"],
         "baseline_rss_mb": baseline, "peak_rss_mb": peak, "extra_rss_mb": peak - baseline,
@@ -326,14 +274,6 @@ def run_child(args: argparse.Namespace, instrument: Any = None) -> dict:
 
 
 # -- parent --------------------------------------------------------------------------------------
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
-                       ("TOKENIZERS_PARALLELISM", "false"), ("TRANSFORMERS_VERBOSITY", "error")):
-        env.setdefault(key, value)
-    return env
-
-
 def cached_rows(model_dir: str, regime: Regime, cache: bool) -> list[dict]:
     """`prepare_rows`, kept under ~/.cache/llmkd/bench (the short regime runs the teacher's greedy
     generation, minutes on a busy machine) keyed by the model's config and the regime."""
@@ -366,25 +306,6 @@ def write_regime_data(model_dir: str, regime: Regime, path: Path, cache: bool = 
     print(f"[{regime.name}] {len(rows)} rows, prompt ~{info['mean_prompt_tokens']:.0f} tokens, "
           f"response ~{info['mean_response_tokens']:.0f} tokens", flush=True)
     return info
-
-
-def run_subprocess(argv: list[str], script: str = __file__, timeout: float | None = None,
-                   errors: list[str] | None = None) -> dict | None:
-    """Run `script` with `argv` in a fresh interpreter; its last stdout line is a JSON result.
-    On failure (or past ``timeout`` seconds) None, and the error's tail appended to ``errors``."""
-    try:
-        proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True,
-                              env=child_env(), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        message = f"timed out after {timeout:.0f} s"
-    else:
-        if proc.returncode == 0:
-            return json.loads(proc.stdout.strip().splitlines()[-1])
-        message = proc.stderr[-3000:]
-    print(f"{' '.join(argv)}: failed\n{message}", flush=True)
-    if errors is not None:
-        errors.append(message[-1500:])
-    return None
 
 
 def resolve_model(name: str, quick: bool, workdir: Path) -> str:
@@ -492,7 +413,7 @@ def main() -> None:
                                    for v in PAIRS[pair])
             for variant in wanted:
                 r = run_subprocess(["--child", variant, "--data", str(data), "--steps", str(args.steps),
-                                    "--device", args.device])
+                                    "--device", args.device], script=__file__)
                 if r is not None:
                     results[name][variant] = r
                     print(f"  {variant:13s} {r['median_step_s']:.2f} s/step, extra "

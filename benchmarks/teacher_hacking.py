@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import run_config
+
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE = "arithmetic"
 ROWS: dict[str, dict[str, Any]] = {
@@ -47,7 +49,8 @@ def sample_rows(model_dir: str, prompts: list[str], *, max_new_tokens: int, seed
     from transformers import AutoTokenizer
 
     from llmkd.data.collate import chat_prompt_ids
-    from llmkd.generation.backends import SamplingSpec, make_backend
+    from llmkd.generation.backends import make_backend
+    from llmkd.generation.spec import SamplingSpec
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = [chat_prompt_ids(tok, p) for p in prompts]
@@ -78,20 +81,18 @@ def write_recipe(model_dir: str, where: Path, *, n: int, offset: int, max_new_to
 def distill(out: Path, teacher: str, recipe: Path, *, n_train: int, n_eval: int, steps: int, layers: int,
             method: dict[str, Any], args: argparse.Namespace, student: str | None = None,
             monitor: dict[str, Any] | None = None) -> Any:
-    from llmkd.training.config import config_from_dict
     from llmkd.training.pipeline import build_trainer
 
-    raw = {"output_dir": str(out), "overwrite_output_dir": True, "max_steps": steps, "seed": args.seed,
-           "learning_rate": args.lr, "lr_scheduler_type": "constant", "per_device_train_batch_size": args.batch,
-           "per_device_eval_batch_size": 8, "logging_steps": args.eval_steps, "save_strategy": "no",
-           "use_cpu": True, "disable_tqdm": True, "report_to": "none",
-           "model": {"teacher": teacher, "student": student, "student_layers": layers},
-           "data": {"recipe": str(recipe), "num_train": n_train, "num_eval": n_eval, "response": "response",
-                    "max_length": 160},
-           "method": {"name": "token_kd", "max_new_tokens": args.max_new_tokens} | method}
-    if monitor:
-        raw |= {"eval_strategy": "steps", "eval_steps": args.eval_steps, "monitor": monitor}
-    trainer = build_trainer(config_from_dict(raw))
+    extra = {"eval_strategy": "steps", "eval_steps": args.eval_steps, "monitor": monitor} if monitor else {}
+    cfg = run_config(
+        out, steps=steps, lr=args.lr, batch=args.batch,
+        model={"teacher": teacher, "student": student, "student_layers": layers},
+        data={"recipe": str(recipe), "num_train": n_train, "num_eval": n_eval, "response": "response",
+              "max_length": 160},
+        method={"name": "token_kd", "max_new_tokens": args.max_new_tokens} | method,
+        seed=args.seed, lr_scheduler_type="constant", warmup_steps=0, per_device_eval_batch_size=8,
+        logging_steps=args.eval_steps, **extra)
+    trainer = build_trainer(cfg)
     trainer.train()
     return trainer
 
