@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from llmkd.generation.rationales import YieldCounter
 
 MODES = ("response", "rationale")
+CACHES = ("lossless", "compact")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class GenerationConfig:
     top_p: float = 1.0
     max_new_tokens: int = 128
     topk: int = 20                       # teacher top-k log-probs kept per token (0 = none)
+    cache: str = "lossless"              # top-k storage: lossless float32 | compact (llmkd.generation.codec)
     keep_incorrect: bool | None = None   # None: keep all in response mode, only correct in rationale
     output_dir: str = "outputs/generations/run"
     shard_size: int = 256                # rows per parquet shard
@@ -56,7 +58,7 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("backend", self.backend, BACKENDS), ("mode", self.mode, MODES),
-                                     ("dtype", self.dtype, DTYPES)):
+                                     ("dtype", self.dtype, DTYPES), ("cache", self.cache, CACHES)):
             if value not in allowed:
                 raise ValueError(f"config: {name}={value!r} is unknown; use one of {allowed}")
         for name in ("num_prompts", "shard_size", "max_model_len", "workers", "tensor_parallel_size"):
@@ -64,6 +66,9 @@ class GenerationConfig:
                 raise ValueError(f"config: {name}={getattr(self, name)} must be >= 1")
         if self.offset < 0 or self.topk < 0:
             raise ValueError("config: offset and topk must be >= 0")
+        if self.cache == "compact" and not self.topk:
+            raise ValueError("config: cache=compact stores top-k log-probs but topk=0; set topk > 0 "
+                             "or cache=lossless")
         if not 0 <= self.worker < self.workers:
             raise ValueError(f"config: worker={self.worker} must be in [0, workers={self.workers}); "
                              "number workers 0 .. workers-1 (e.g. --set worker=$SLURM_PROCID)")
@@ -100,6 +105,8 @@ class GenerationConfig:
         for key in ("num_prompts", "offset", "output_dir", "shard_size", "batch_size", "engine",
                     "tensor_parallel_size", "workers", "worker"):
             d.pop(key)
+        if d["cache"] == "lossless":   # the default: dirs written before the key existed still match
+            d.pop("cache")
         return {**d, "model": str(model_dir), "keep_incorrect": self.keep_all}
 
 
@@ -131,7 +138,11 @@ def _schema(cfg: GenerationConfig) -> pa.Schema:
             ("correct", pa.bool_())]
     if cfg.mode == "rationale":
         cols.append(("rationale", pa.string()))
-    if cfg.topk:
+    if cfg.topk and cfg.cache == "compact":
+        from llmkd.generation.codec import COLUMNS
+
+        cols += [(c, pa.binary()) for c in COLUMNS]
+    elif cfg.topk:
         cols += [("teacher_topk_ids", pa.list_(ids)),
                  ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32()))),
                  ("teacher_tail_mass", pa.list_(pa.float32()))]
@@ -161,8 +172,10 @@ def build_prompts(cfg: GenerationConfig, recipe: Recipe, tokenizer: Any,
 
 
 def _rows_for(cfg: GenerationConfig, row: dict, prompt_ids: list[int], comps: list[Completion],
-              todo: set[int], kind: str, counter: YieldCounter) -> tuple[list[dict], list[tuple]]:
+              todo: set[int], kind: str, counter: YieldCounter, *,
+              id_width: int = 4) -> tuple[list[dict], list[tuple]]:
     """Parquet rows for one prompt's completions (only the sample indices in `todo`)."""
+    from llmkd.generation.codec import encode_row
     from llmkd.generation.rationales import check, parse_rationale, parse_response
 
     rows, dropped = [], []
@@ -183,7 +196,9 @@ def _rows_for(cfg: GenerationConfig, row: dict, prompt_ids: list[int], comps: li
                "answer": pred, "gold": row["answer"], "correct": correct}
         if cfg.mode == "rationale":
             out["rationale"] = rationale
-        if cfg.topk:
+        if cfg.topk and cfg.cache == "compact":
+            out.update(encode_row(c.topk_ids, c.topk_logprobs, width=id_width))
+        elif cfg.topk:
             out["teacher_topk_ids"] = c.topk_ids
             out["teacher_topk_logprobs"] = c.topk_logprobs
             out["teacher_tail_mass"] = [max(0.0, 1.0 - math.fsum(math.exp(v) for v in lps))
@@ -199,6 +214,7 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
 
     from llmkd.data.recipes import load_recipe
     from llmkd.generation.backends import make_backend
+    from llmkd.generation.codec import id_bytes
     from llmkd.generation.rationales import YieldCounter
     from llmkd.generation.writer import ShardWriter
 
@@ -246,7 +262,7 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
             for (i, missing), comps in zip(batch, outs):
                 new_tokens += sum(len(c.token_ids) for c in comps)
                 rows, dropped = _rows_for(cfg, records[i], prompt_ids[i], comps, missing,
-                                         recipe.answer_kind, counter)
+                                         recipe.answer_kind, counter, id_width=id_bytes(len(tokenizer)))
                 writer.add(rows, dropped)
             writer.flush()
             bar.update(len(batch))

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmkd.generation import codec
+
 MANIFEST = "manifest.json"
 LOCK = ".llmkd-lock"
 SHARD_GLOB = "shard-*.parquet"
@@ -288,7 +290,10 @@ def load_generated(out_dir: str | Path) -> Dataset:
     files = [str(p) for p in _shards(Path(out_dir)) if pq.ParquetFile(p).metadata.num_rows > 0]
     if not files:
         raise ValueError(f"generation dir {str(out_dir)!r} has no shards yet; run `llmkd generate`")
-    return load_dataset("parquet", data_files=files, split="train")
+    rows = load_dataset("parquet", data_files=files, split="train")
+    if codec.COLUMNS[0] in rows.column_names:   # cache: compact -> the columns the loss reads
+        rows = codec.decode_dataset(rows, f"generation dir {str(out_dir)!r}")
+    return rows
 
 
 def _leaf_paths(schema: pa.Schema) -> tuple[list[str], list[str]]:
@@ -302,7 +307,7 @@ def _leaf_paths(schema: pa.Schema) -> tuple[list[str], list[str]]:
         elif pa.types.is_struct(t):
             for child in t:
                 walk(child.type, f"{path}.{child.name}")
-        else:
+        elif not pa.types.is_binary(t):   # binary: compact blocks, all distinct (no dictionary)
             (floats if pa.types.is_floating(t) else others).append(path)
 
     for f in schema:
