@@ -140,6 +140,10 @@ def build_trainer(cfg: DistillationConfig):
         method.teacher_server = ServedTeacher(m.teacher_server, m.teacher_topk)
     if cfg.data.path and is_generated_dir(cfg.data.path) and method.uses_generated_token_ids:
         check_generated_tokenizer(cfg.data.path, student_tok)
+    if cfg.data.path and is_generated_dir(cfg.data.path) and teacher_mode(m) == "offline":
+        from llmkd.generation.hidden import attach_offline_head
+
+        attach_offline_head(cfg.data.path, method, len(student_tok))   # targets=hidden dirs only
     train, evals = build_datasets(cfg, method)
     teacher, student = build_models(cfg)
     return DistillationTrainer(model=student, args=cfg, teacher=teacher, method=method,

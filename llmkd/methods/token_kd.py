@@ -46,6 +46,21 @@ def kd_divergence(student: HeadOutput, targets: TeacherTargets, labels: torch.Te
     return divergence(head_logits(student)[:, :-1], head_logits(t)[:, :-1], p.kind, mask=mask, **kw)
 
 
+def offline_hidden(batch: dict[str, torch.Tensor], head: Any, dtype: str) -> HeadOutput:
+    """The stored teacher hidden states of a batch with the stored head, on the batch's device."""
+    from llmkd.data.hidden import COLUMN
+
+    if COLUMN not in batch:
+        raise ValueError("model.teacher_mode=offline with a teacher head but the data has no "
+                         f"{COLUMN} column; point data.path at an `llmkd generate` dir made with "
+                         "targets=hidden")
+    hidden = batch[COLUMN].view(getattr(torch, dtype))
+    if head.weight.device != hidden.device:
+        head.weight = head.weight.to(hidden.device)
+        head.bias = None if head.bias is None else head.bias.to(hidden.device)
+    return HeadOutput(hidden=hidden, head=head)
+
+
 def head_logits(out: HeadOutput) -> torch.Tensor:
     """Full logits of a `HeadOutput`, applying its head where only hidden states were kept."""
     return out.logits if out.logits is not None else out.head.logits(out.hidden)
@@ -65,6 +80,9 @@ class TokenKD(Method):
     needs_live_teacher = False      # offline: the teacher's top-k columns come with the batch
     # model.teacher_server: a `llmkd.teacher_server.ServedTeacher` the pipeline sets (no teacher model)
     teacher_server: Any = None
+    # offline hidden-state targets: (the stored teacher LMHead, the states' dtype name), set by the
+    # pipeline from the generation dir (`llmkd.generation.hidden.load_head`)
+    offline_head: Any = None
 
     def attach(self, teacher: "torch.nn.Module | None", student: "torch.nn.Module", *,
                chunked_head_ok: bool) -> None:
@@ -88,12 +106,14 @@ class TokenKD(Method):
     def wants_hidden(self) -> bool:
         # CE and the sparse loss need the student's logits; the dense KD alone can stay chunked.
         return (self.chunked_head_ok and self.params.chunk_size > 0 and self.params.ce_weight == 0
-                and self.teacher is not None)
+                and (self.teacher is not None or self.offline_head is not None))
 
     def teacher_targets(self, batch: dict[str, torch.Tensor]) -> TeacherTargets:
         if self.teacher_server is not None:   # top-k for the label positions, like offline columns
             return ServedTargets(pending=self.teacher_server.submit(
                 batch["input_ids"], batch["attention_mask"], batch["labels"]))
+        if self.teacher is None and self.offline_head is not None:   # offline hidden states
+            return TeacherTargets(output=offline_hidden(batch, *self.offline_head))
         if self.teacher is None:   # offline: the top-k columns written by `llmkd generate`
             if "teacher_topk_ids" not in batch:
                 raise ValueError("model.teacher_mode=offline but the data has no teacher_topk_ids column; "
