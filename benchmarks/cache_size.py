@@ -345,6 +345,9 @@ def main() -> None:
             entry["compact"] = compact_entry(write_cut(src, tmp_path / f"c{k}", k, "compact", vocab),
                                              ids, lps, t_logp, s_logits)
             report["k"][str(k)] = entry
+        from cache_hidden import hidden_entry   # beside this script
+
+        report["hidden"] = hidden_entry(model_dir, src, tmp_path / "hidden", t_logp)
 
     tokens = report["k"][str(max(KS))]["disk"]["tokens"]
     print(f"teacher {report['model']} (V={vocab}), {len(rows)} held-out responses, {tokens} tokens "
@@ -368,6 +371,11 @@ def main() -> None:
         base = next(iter(e["encodings"].values()))
         print(f"  student fKL on the stored top-{k} + tail: {base['loss_sparse']:.4f} nats/token "
               f"vs {base['loss_dense']:.4f} against the full teacher")
+    h = report["hidden"]
+    print(f"\ntargets: hidden ({h['hidden_dtype']}, H={h['hidden_size']}): shard "
+          f"{h['disk']['bytes_per_token']:.1f} B/token ({h['hidden_bytes_per_token']:.1f} the states) + "
+          f"{h['head_file_bytes'] / 2**20:.1f} MiB head once per dir; KL(full teacher || stored) "
+          f"mean {h['kl_full_vs_stored_mean']:.1e} max {h['kl_full_vs_stored_max']:.1e}")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(f"wrote {output}")
