@@ -56,33 +56,35 @@ def families(tiny_pair, tmp_path_factory):
     return out
 
 
-def _losses(teacher_dir, student_dir, data_dir, kind):
+def _losses(teacher_dir, student_dir, data_dir, kind, ce_weight=0.0):
     """(offline loss, live loss, their student gradients) on one batch of the generated rows."""
     tok = load_tokenizer(student_dir)
     rows = load_generated(data_dir)
     teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     student = transformers.AutoModelForCausalLM.from_pretrained(student_dir)
-    offline = build_method("token_kd", {"kind": kind, "chunk_size": 5}, tok)
+    offline = build_method("token_kd", {"kind": kind, "chunk_size": 5, "ce_weight": ce_weight}, tok)
     offline.offline_head = load_head(data_dir, len(tok))
     feats = offline.features(rows, response="response", max_length=64)
     batch = offline.collate([feats[i] for i in range(len(feats))])
-    assert offline.wants_hidden()
+    chunked = offline.wants_hidden()
+    assert chunked == (ce_weight == 0)
     out = []
     for targets in (offline.teacher_targets(batch), None):
         if targets is None:   # the live teacher on the same batch
             targets = type(offline.teacher_targets(batch))(output=run_head(teacher, batch, hidden=True))
-        s = forward_head(student, batch, hidden=True)
-        assert s.logits is None and targets.output.logits is None   # the chunked path on both sides
+        s = forward_head(student, batch, hidden=chunked)
+        assert (s.logits is None) == chunked and targets.output.logits is None  # stored: hidden always
         loss = kd_divergence(s, targets, batch["labels"], offline.params, None)
         out.append((loss, torch.autograd.grad(loss, [student.get_output_embeddings().weight])[0]))
     return out
 
 
-@pytest.mark.parametrize("kind", ["fkl", "rkl"])
-@pytest.mark.parametrize("family", ["llama", "phi"])
-def test_offline_hidden_loss_equals_the_live_teachers(families, family, kind):
+@pytest.mark.parametrize("family,kind,ce_weight", [
+    ("llama", "fkl", 0.0), ("llama", "rkl", 0.0), ("phi", "fkl", 0.0), ("phi", "rkl", 0.0),
+    ("phi", "jsd", 0.5)])   # ce_weight > 0: the student's full logits against the stored head's
+def test_offline_hidden_loss_equals_the_live_teachers(families, family, kind, ce_weight):
     teacher, student, data = families[family]
-    (off, g_off), (live, g_live) = _losses(teacher, student, data, kind)
+    (off, g_off), (live, g_live) = _losses(teacher, student, data, kind, ce_weight)
     assert float(live.detach()) > 1e-3
     # bfloat16 keeps 8 bits of mantissa: ~0.4 % per state, averaged over the vocabulary
     torch.testing.assert_close(off, live, rtol=1e-2, atol=1e-4)

@@ -54,11 +54,12 @@ def offline_hidden(batch: dict[str, torch.Tensor], head: Any, dtype: str) -> Hea
         raise ValueError("model.teacher_mode=offline with a teacher head but the data has no "
                          f"{COLUMN} column; point data.path at an `llmkd generate` dir made with "
                          "targets=hidden")
-    hidden = batch[COLUMN].view(getattr(torch, dtype))
-    if head.weight.device != hidden.device:
-        head.weight = head.weight.to(hidden.device)
-        head.bias = None if head.bias is None else head.bias.to(hidden.device)
-    return HeadOutput(hidden=hidden, head=head)
+    bits = batch[COLUMN]
+    if head.weight.device != bits.device:
+        head.weight = head.weight.to(bits.device)
+        head.bias = None if head.bias is None else head.bias.to(bits.device)
+    # in the head's dtype: (B, S, H) is small, and full-logits paths (ce_weight > 0) need one dtype
+    return HeadOutput(hidden=bits.view(getattr(torch, dtype)).to(head.weight.dtype), head=head)
 
 
 def head_logits(out: HeadOutput) -> torch.Tensor:
