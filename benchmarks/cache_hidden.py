@@ -45,3 +45,38 @@ def hidden_entry(model_dir: str, src: Path, dst: Path, t_logp: Any, dtype: str =
             "hidden_bytes_per_token": disk["column_bytes_per_token"]["teacher_hidden"],
             "head_file_bytes": head_bytes, "kl_full_vs_stored_mean": float(kl.mean()),
             "kl_full_vs_stored_max": float(kl.max())}
+
+
+def main() -> None:
+    """`python benchmarks/cache_hidden.py --shards DIR`: the hidden-state entry alone, for the rows
+    of an `llmkd generate` dir (e.g. the one `cache_size.py --shards` reads), without the top-k part."""
+    import argparse
+    import json
+    import os
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    from cache_size import RESULTS, teacher_positions
+    from llmkd.models.embedded import resolve_model_name
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--output", type=Path, default=RESULTS.with_name("cache_hidden.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model_dir = resolve_model_name(args.model)
+    rows = [r for s in sorted(args.shards.glob("shard-*.parquet")) for r in pq.read_table(s).to_pylist()]
+    t_logp, _ = teacher_positions(model_dir, rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        entry = hidden_entry(model_dir, args.shards, Path(tmp) / "hidden", t_logp, args.dtype)
+    entry = {"model": args.model, "rows": len(rows), **entry}
+    print(json.dumps({k: v for k, v in entry.items() if k != "disk"}, indent=1),
+          f"\nshard {entry['disk']['bytes_per_token']:.1f} B/token")
+    args.output.write_text(json.dumps(entry, indent=2))
+
+
+if __name__ == "__main__":
+    main()
