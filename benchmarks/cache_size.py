@@ -303,6 +303,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--shards", type=Path, default=None,
                         help=f"reuse an `llmkd generate` dir made with topk >= {max(KS)} (same flags)")
+    parser.add_argument("--compact-only", action="store_true",
+                        help="skip the candidate encodings: the shards and `cache: compact` alone")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     output = args.output or (RESULTS.with_name("cache_size_quick.json") if args.quick else RESULTS)
@@ -338,16 +340,17 @@ def main() -> None:
             entry: dict[str, Any] = {"disk": disk_bytes(dirs[k]), **truncation_kl(t_logp, k),
                                      "max_abs_stored_vs_teacher_forward": stored_vs_forward,
                                      "encodings": {}}
-            for name, enc in encodings(vocab).items():
+            for name, enc in ({} if args.compact_only else encodings(vocab)).items():
                 size, decoded = encode_decode(ids, lps, enc, tmp_path / f"enc-{k}.parquet")
                 entry["encodings"][name] = {"bytes_per_token": size / ids.shape[0],
                                             **fidelity(t_logp, s_logits, ids, decoded)}
             entry["compact"] = compact_entry(write_cut(src, tmp_path / f"c{k}", k, "compact", vocab),
                                              ids, lps, t_logp, s_logits)
             report["k"][str(k)] = entry
-        from cache_hidden import hidden_entry   # beside this script
+        if not args.compact_only:
+            from cache_hidden import hidden_entry   # beside this script
 
-        report["hidden"] = hidden_entry(model_dir, src, tmp_path / "hidden", t_logp)
+            report["hidden"] = hidden_entry(model_dir, src, tmp_path / "hidden", t_logp)
 
     tokens = report["k"][str(max(KS))]["disk"]["tokens"]
     print(f"teacher {report['model']} (V={vocab}), {len(rows)} held-out responses, {tokens} tokens "
@@ -368,14 +371,16 @@ def main() -> None:
               f"{c['kl_bins']:9.1e} {c['loss_err_vs_exact_bins']:9.1e} {c['grad_cos_vs_dense']:9.5f}"
               f"   top-k columns {c['disk']['topk_bytes_per_token']:.1f} B/token; KL(stored || "
               f"compact) mean {c['kl_vs_stored_mean']:.1e} max {c['kl_vs_stored_max']:.1e}")
-        base = next(iter(e["encodings"].values()))
-        print(f"  student fKL on the stored top-{k} + tail: {base['loss_sparse']:.4f} nats/token "
-              f"vs {base['loss_dense']:.4f} against the full teacher")
-    h = report["hidden"]
-    print(f"\ntargets: hidden ({h['hidden_dtype']}, H={h['hidden_size']}): shard "
-          f"{h['disk']['bytes_per_token']:.1f} B/token ({h['hidden_bytes_per_token']:.1f} the states) + "
-          f"{h['head_file_bytes'] / 2**20:.1f} MiB head once per dir; KL(full teacher || stored) "
-          f"mean {h['kl_full_vs_stored_mean']:.1e} max {h['kl_full_vs_stored_max']:.1e}")
+        base = next(iter(e["encodings"].values()), None)
+        if base is not None:
+            print(f"  student fKL on the stored top-{k} + tail: {base['loss_sparse']:.4f} nats/token "
+                  f"vs {base['loss_dense']:.4f} against the full teacher")
+    h = report.get("hidden")
+    if h is not None:
+        print(f"\ntargets: hidden ({h['hidden_dtype']}, H={h['hidden_size']}): shard "
+              f"{h['disk']['bytes_per_token']:.1f} B/token ({h['hidden_bytes_per_token']:.1f} the states) + "
+              f"{h['head_file_bytes'] / 2**20:.1f} MiB head once per dir; KL(full teacher || stored) "
+              f"mean {h['kl_full_vs_stored_mean']:.1e} max {h['kl_full_vs_stored_max']:.1e}")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(f"wrote {output}")

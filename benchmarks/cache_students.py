@@ -66,6 +66,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from cache_size import write_cut   # beside this script
+    from transformers import AutoTokenizer
 
     from llmkd.generation.run import GenerationConfig, run_generation
     from llmkd.models.embedded import resolve_model_name
@@ -78,7 +79,7 @@ def main() -> None:
             model=args.model, backend="hf", recipe="arithmetic", temperature=0.0, topk=args.k,
             num_prompts=args.train_prompts + args.eval_prompts, max_new_tokens=args.max_new_tokens,
             output_dir=str(tmp_path / "lossless"), engine={"batch_size": 16}), progress=False)
-        vocab = len(__import__("transformers").AutoTokenizer.from_pretrained(resolve_model_name(args.model)))
+        vocab = len(AutoTokenizer.from_pretrained(resolve_model_name(args.model)))
         compact = write_cut(lossless, tmp_path / "compact", args.k, "compact", vocab)
         teacher = load_causal_lm(resolve_model_name(args.model)).eval()
         for label, data, order in (("lossless, order 0", lossless, 0), ("compact, order 0", compact, 0),
