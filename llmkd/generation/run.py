@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from llmkd.generation.rationales import YieldCounter
 
 MODES = ("response", "rationale")
+CACHES = ("lossless", "compact")
+TARGETS = ("topk", "hidden")
 
 
 @dataclass
@@ -47,6 +49,9 @@ class GenerationConfig:
     top_p: float = 1.0
     max_new_tokens: int = 128
     topk: int = 20                       # teacher top-k log-probs kept per token (0 = none)
+    cache: str = "lossless"              # top-k storage: lossless float32 | compact (llmkd.generation.codec)
+    targets: str = "topk"                # topk: top-k log-probs | hidden: final hidden states + head
+    hidden_dtype: str = "bfloat16"       # targets=hidden: bfloat16 | float16 storage
     keep_incorrect: bool | None = None   # None: keep all in response mode, only correct in rationale
     output_dir: str = "outputs/generations/run"
     shard_size: int = 256                # rows per parquet shard
@@ -56,7 +61,8 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("backend", self.backend, BACKENDS), ("mode", self.mode, MODES),
-                                     ("dtype", self.dtype, DTYPES)):
+                                     ("dtype", self.dtype, DTYPES), ("cache", self.cache, CACHES),
+                                     ("targets", self.targets, TARGETS)):
             if value not in allowed:
                 raise ValueError(f"config: {name}={value!r} is unknown; use one of {allowed}")
         for name in ("num_prompts", "shard_size", "max_model_len", "workers", "tensor_parallel_size"):
@@ -64,6 +70,13 @@ class GenerationConfig:
                 raise ValueError(f"config: {name}={getattr(self, name)} must be >= 1")
         if self.offset < 0 or self.topk < 0:
             raise ValueError("config: offset and topk must be >= 0")
+        if self.cache == "compact" and not self.topk:
+            raise ValueError("config: cache=compact stores top-k log-probs but topk=0; set topk > 0 "
+                             "or cache=lossless")
+        if self.targets == "hidden":
+            from llmkd.generation.hidden import check_config
+
+            check_config(self)
         if not 0 <= self.worker < self.workers:
             raise ValueError(f"config: worker={self.worker} must be in [0, workers={self.workers}); "
                              "number workers 0 .. workers-1 (e.g. --set worker=$SLURM_PROCID)")
@@ -83,7 +96,8 @@ class GenerationConfig:
     @property
     def sampling(self) -> SamplingSpec:
         return SamplingSpec(n=self.n, temperature=self.temperature, top_p=self.top_p,
-                            max_new_tokens=self.max_new_tokens, logprobs=self.topk, seed=self.seed)
+                            max_new_tokens=self.max_new_tokens,
+                            logprobs=self.topk if self.targets == "topk" else 0, seed=self.seed)
 
     @property
     def keep_all(self) -> bool:
@@ -100,6 +114,11 @@ class GenerationConfig:
         for key in ("num_prompts", "offset", "output_dir", "shard_size", "batch_size", "engine",
                     "tensor_parallel_size", "workers", "worker"):
             d.pop(key)
+        if d["cache"] == "lossless":   # the default: dirs written before the key existed still match
+            d.pop("cache")
+        if d["targets"] == "topk":     # likewise for dirs written before hidden-state targets
+            d.pop("targets")
+            d.pop("hidden_dtype")
         return {**d, "model": str(model_dir), "keep_incorrect": self.keep_all}
 
 
@@ -132,7 +151,13 @@ def _schema(cfg: GenerationConfig) -> pa.Schema:
             ("correct", pa.bool_())]
     if cfg.mode == "rationale":
         cols.append(("rationale", pa.string()))
-    if cfg.topk:
+    if cfg.targets == "hidden":
+        cols.append(("teacher_hidden", pa.binary()))
+    elif cfg.topk and cfg.cache == "compact":
+        from llmkd.generation.codec import COLUMNS
+
+        cols += [(c, pa.binary()) for c in COLUMNS]
+    elif cfg.topk:
         cols += [("teacher_topk_ids", pa.list_(ids)),
                  ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32()))),
                  ("teacher_tail_mass", pa.list_(pa.float32()))]
@@ -162,8 +187,10 @@ def build_prompts(cfg: GenerationConfig, recipe: Recipe, tokenizer: Any,
 
 
 def _rows_for(cfg: GenerationConfig, row: dict, prompt_ids: list[int], comps: list[Completion],
-              todo: set[int], kind: str, counter: YieldCounter) -> tuple[list[dict], list[tuple]]:
+              todo: set[int], kind: str, counter: YieldCounter, *, id_width: int = 4,
+              hidden: list[bytes] | None = None) -> tuple[list[dict], list[tuple]]:
     """Parquet rows for one prompt's completions (only the sample indices in `todo`)."""
+    from llmkd.generation.codec import encode_row
     from llmkd.generation.rationales import check, parse_rationale, parse_response
 
     rows, dropped = [], []
@@ -184,7 +211,11 @@ def _rows_for(cfg: GenerationConfig, row: dict, prompt_ids: list[int], comps: li
                "answer": pred, "gold": row["answer"], "correct": correct}
         if cfg.mode == "rationale":
             out["rationale"] = rationale
-        if cfg.topk:
+        if hidden is not None:
+            out["teacher_hidden"] = hidden[s]
+        elif cfg.topk and cfg.cache == "compact":
+            out.update(encode_row(c.topk_ids, c.topk_logprobs, width=id_width))
+        elif cfg.topk:
             out["teacher_topk_ids"] = c.topk_ids
             out["teacher_topk_logprobs"] = c.topk_logprobs
             out["teacher_tail_mass"] = [max(0.0, 1.0 - math.fsum(math.exp(v) for v in lps))
@@ -200,6 +231,8 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
 
     from llmkd.data.recipes import load_recipe
     from llmkd.generation.backends import check_engine_options, make_backend
+    from llmkd.generation.codec import id_bytes
+    from llmkd.generation.hidden import head_path, hidden_rows, save_head
     from llmkd.generation.rationales import YieldCounter
     from llmkd.generation.writer import ShardWriter
     from llmkd.preflight import model_vocab_size
@@ -240,8 +273,9 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
     engine = dict(cfg.engine)
     if cfg.tensor_parallel_size > 1:
         engine["tensor_parallel_size"] = cfg.tensor_parallel_size
-    backend = make_backend(cfg.backend, str(model_dir), dtype=cfg.dtype,
-                           max_model_len=cfg.max_model_len, **engine) if todo else None
+    head_missing = cfg.targets == "hidden" and not head_path(cfg.output_dir).exists()
+    backend = make_backend(cfg.backend, str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                           **engine) if todo or (head_missing and writer.done_keys()) else None
     new_tokens, gen_seconds = 0, 0.0
     bar = tqdm(total=len(todo), desc=f"generate ({cfg.backend})", unit="prompt", disable=not progress)
     try:
@@ -252,12 +286,20 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
             gen_seconds += time.perf_counter() - t0
             for (i, missing), comps in zip(batch, outs):
                 new_tokens += sum(len(c.token_ids) for c in comps)
+                states = None if cfg.targets == "topk" else hidden_rows(
+                    backend.model, prompt_ids[i], [c.token_ids for c in comps], cfg.hidden_dtype)
                 rows, dropped = _rows_for(cfg, records[i], prompt_ids[i], comps, missing,
-                                         recipe.answer_kind, counter)
+                                         recipe.answer_kind, counter, id_width=id_bytes(len(tokenizer)),
+                                         hidden=states)
                 writer.add(rows, dropped)
             writer.flush()
+            if head_missing:   # once per dir, beside the first shard
+                save_head(backend.model, cfg.output_dir, vocab=len(tokenizer), hidden_dtype=cfg.hidden_dtype)
+                head_missing = False
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{new_tokens / max(gen_seconds, 1e-9):.0f}", kept=counter.kept)
+        if head_missing and backend is not None:   # shards of a run killed before its head
+            save_head(backend.model, cfg.output_dir, vocab=len(tokenizer), hidden_dtype=cfg.hidden_dtype)
     finally:
         bar.close()
         if backend is not None:

@@ -6,6 +6,7 @@ columns, vocab match) run before the expensive model loads.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -155,12 +156,16 @@ def build_trainer(cfg: DistillationConfig):
                              f"model.teachers.{name}.method: {{name: cross_tokenizer}})") from None
     method = TeacherMix.of(methods, mix=cfg.method.teacher_mix, weights={n: s.weight for n, s in specs.items()})
     mixed = isinstance(method, TeacherMix)
-    parts = []
+    parts, heads = [], {}
     for teacher, source in sources(cfg.data):
         name = teacher or next(iter(specs))
         own = methods[name] if mixed and method.mix == "route" else method    # its teacher's features
         if source.path and is_generated_dir(source.path) and own.uses_generated_token_ids:
             check_generated_tokenizer(source.path, student_tok)
+        if source.path and is_generated_dir(source.path) and specs[name].kind == "offline":
+            from llmkd.generation.hidden import offline_head
+
+            heads[name] = offline_head(source.path, methods[name], len(student_tok))   # targets=hidden dirs
         split = build_datasets(cfg, own, source)
         parts.append(tuple(tag(ds, name) for ds in split) if mixed else split)
     train, evals = (parts[0][i] if len(parts) == 1 else concat([p[i] for p in parts]) for i in (0, 1))
@@ -168,7 +173,7 @@ def build_trainer(cfg: DistillationConfig):
         check_lora_targets_early(cfg)
     monitor = build_monitor(cfg, student_tok)
     _start_zero3_comm()
-    teachers = {name: _load_teacher(name, spec) for name, spec in specs.items()}
+    teachers = {name: _load_teacher(name, spec, heads.get(name)) for name, spec in specs.items()}
     student = build_models(cfg, teachers)
     teacher = TeacherSet(teachers, mix=method.mix, weights=method.weights) if mixed else teachers[next(iter(specs))]
     return DistillationTrainer(model=student, args=cfg, teacher=teacher, method=method,
@@ -254,7 +259,7 @@ def check_lora_targets_early(cfg: DistillationConfig) -> None:
     check_lora_targets(cfg.model.lora, [name for name, _ in skeleton.named_modules()])
 
 
-def _load_teacher(name: str, spec: TeacherSpec) -> Teacher:
+def _load_teacher(name: str, spec: TeacherSpec, head: tuple[Any, str] | None = None) -> Teacher:
     """One teacher of the set, as its kind: a loaded model, a server client, or the rows' top-k."""
     if spec.kind == "served":
         from llmkd.teacher_server import ServedTeacher
@@ -265,7 +270,7 @@ def _load_teacher(name: str, spec: TeacherSpec) -> Teacher:
     if spec.kind == "offline":
         from llmkd.teachers.offline import Offline
 
-        return Offline(name=name)
+        return Offline(name=name, head=head)
     from llmkd.models.student import load_causal_lm
     from llmkd.teachers.live import Live
 
