@@ -56,6 +56,28 @@ def test_codec_keeps_ids_and_stays_within_its_kl_budget(vocab, k):
     assert sum(len(v) for v in block.values()) == 64 * k * (width + 2) + 64 * 2 + codec.HEADER.size
 
 
+@pytest.mark.parametrize("mass", [0.9999, 0.5, 3e-3, 1e-4, 1e-7])
+def test_codec_keeps_the_top_k_mass_whether_tail_or_top_k_is_small(mass):
+    """A flat teacher's top-k can hold a tiny share of the mass: the stored scalar must keep
+    that share's relative precision too (quantising log(tail) alone shifted every decoded
+    log-prob by 0.1 nats at mass 3e-3 and gave -inf at 1e-4)."""
+    gen = torch.Generator().manual_seed(1)
+    rel = torch.randn(8, 20, generator=gen, dtype=torch.float64).log_softmax(-1)
+    lp = rel + math.log(mass)                        # top-k holding `mass` of the probability
+    ids = torch.randperm(1000, generator=gen)[:20].repeat(8, 1)
+    block = codec.encode_row(ids.tolist(), lp.tolist(), width=2)
+    d_ids, d_lp, d_tail = codec.decode_row(*(block[c] for c in codec.COLUMNS))
+    exact = lp.gather(-1, ids.argsort(-1))
+    d_lp = torch.tensor(d_lp, dtype=torch.float64)
+    assert torch.isfinite(d_lp).all()
+    shape = lambda x: x - x.logsumexp(-1, keepdim=True)   # noqa: E731  (within the top-k)
+    assert (shape(exact).exp() * (shape(exact) - shape(d_lp))).sum(-1).max() < 1e-4   # the codec's budget
+    assert torch.allclose(d_lp.exp().sum(-1), torch.full((8,), mass, dtype=torch.float64), rtol=2e-3)
+    assert torch.allclose(torch.tensor(d_tail, dtype=torch.float64),
+                          torch.full((8,), max(1 - mass, math.exp(codec.LOG_TAIL_MIN)), dtype=torch.float64),
+                          rtol=2e-3)
+
+
 def test_codec_rejects_damaged_and_ragged_blocks():
     block = codec.encode_row([[5, 2], [7, 1]], [[-0.1, -3.0], [-0.5, -1.0]], width=2)
     ids_b, lv_b, meta = (block[c] for c in codec.COLUMNS)

@@ -12,7 +12,10 @@ column so that the shard's zstd sees like next to like across rows:
            top costs the same KL (~ sigma^2 / 24 times the top-1 mass) and entries far below it get
            coarse steps. uint16 levels in byte planes, in the ids' (sorted) order.
   meta     a header (positions, k, id width, sigma, max step, CRC-32 of all three streams) and
-           the log tail mass log(1 - sum exp(lp)) per position as uint16 on [LOG_TAIL_MIN, 0].
+           per position the log of the smaller of the top-k mass and the tail mass (a flag bit says
+           which) as 15 bits on [LOG_TAIL_MIN, 0]: the larger of the two is 1 minus it, so both keep
+           their relative precision (a flat teacher whose top-k holds 1e-4 of the mass as well as
+           a peaked one whose tail holds 1e-4).
 
 Decoding rebuilds the log-probs so that the top-k mass is exactly 1 - tail: the tail the sparse
 loss derives from them keeps its stored value and quantisation only bends the shape within the
@@ -36,7 +39,8 @@ HEADER = struct.Struct("<4sIHBxffI")   # magic, positions T, k, id bytes, sigma,
 SIGMA = 0.01                            # step at the top-1 (nats)
 MAX_STEP = 0.35                         # coarsest step, far below the top-1 (nats)
 MAX_GAP = 80.0                          # gaps beyond this (incl. -inf log-probs) are clamped
-LOG_TAIL_MIN = -40.0                    # tails below exp(-40) are stored as exp(-40)
+LOG_TAIL_MIN = -40.0                    # masses below exp(-40) are stored as exp(-40)
+SMALL_LEVELS = 0x7FFF                   # 15 bits for log(min(top-k mass, tail)); the top bit says which
 COLUMNS = ("teacher_topk_compact_ids", "teacher_topk_compact_levels", "teacher_topk_compact_meta")
 DECODED = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass")
 
@@ -101,10 +105,12 @@ def encode_row(ids: list[list[int]], logprobs: list[list[float]], *, width: int 
         top = lp.max(axis=1, keepdims=True) if k else np.zeros((t, 1))
         gap = np.nan_to_num(top - lp, nan=MAX_GAP, posinf=MAX_GAP)
         levels = np.rint(gap_to_level(gap, sigma, max_step))
-        log_mass = np.log(np.exp(lp).sum(axis=1)) if k else np.full(t, -np.inf)
-        log_tail = np.log(np.clip(-np.expm1(np.minimum(log_mass, 0.0)), 0.0, None))
-    log_tail = np.clip(np.nan_to_num(log_tail, nan=LOG_TAIL_MIN, neginf=LOG_TAIL_MIN), LOG_TAIL_MIN, 0.0)
-    tail_q = np.rint(log_tail / LOG_TAIL_MIN * 65535.0)
+        log_mass = np.minimum(np.log(np.exp(lp).sum(axis=1)), 0.0) if k else np.full(t, -np.inf)
+        log_tail = np.log(np.clip(-np.expm1(log_mass), 0.0, None))
+    mass_smaller = log_mass < log_tail
+    log_small = np.where(mass_smaller, log_mass, log_tail)
+    log_small = np.clip(np.nan_to_num(log_small, nan=LOG_TAIL_MIN, neginf=LOG_TAIL_MIN), LOG_TAIL_MIN, 0.0)
+    tail_q = np.rint(log_small / LOG_TAIL_MIN * SMALL_LEVELS) + mass_smaller * (SMALL_LEVELS + 1)
     ids_b = _planes(gaps.reshape(-1), f"<u{width}")
     lv_b = _planes(levels.reshape(-1), "<u2")
     tail_b = _planes(tail_q, "<u2")
@@ -125,12 +131,17 @@ def decode_row(ids_b: bytes, lv_b: bytes, meta: bytes) -> tuple[list[list[int]],
         raise DamagedBlockError("compact top-k block is damaged (checksum or length mismatch)")
     ids = np.cumsum(_unplanes(ids_b, n, f"<u{width}").astype(np.int64).reshape(t, k), axis=1)
     levels = _unplanes(lv_b, n, "<u2").reshape(t, k)
-    log_tail = _unplanes(tail_b, t, "<u2").astype(np.float64) / 65535.0 * LOG_TAIL_MIN
+    code = _unplanes(tail_b, t, "<u2").astype(np.int64)
+    log_small = (code & SMALL_LEVELS) / SMALL_LEVELS * LOG_TAIL_MIN
+    with np.errstate(divide="ignore"):
+        log_other = np.log(-np.expm1(log_small))
+    mass_smaller = code > SMALL_LEVELS
+    log_tail = np.where(mass_smaller, log_other, log_small)
+    log_mass = np.where(mass_smaller, log_small, log_other)
     rel = -level_to_gap(levels, sigma, max_step)                     # log-probs relative to top-1
     if k:
         lse = np.log(np.exp(rel).sum(axis=1, keepdims=True))          # rel <= 0 with a 0: stable
-        with np.errstate(divide="ignore"):
-            lp = rel - lse + np.log(-np.expm1(log_tail))[:, None]    # top-k mass = 1 - tail
+        lp = rel - lse + log_mass[:, None]                              # top-k mass = 1 - tail
     else:
         lp = rel
     return ids.tolist(), lp.astype(np.float32).tolist(), np.exp(log_tail).astype(np.float32).tolist()
