@@ -176,14 +176,17 @@ def another_run_holds_the_lock(tmp: Path, cfg: dict) -> None:
 
 def teachers(mix: str = "route", weights: tuple[float, float] = (1.0, 1.0), keep_teacher: bool = False,
              second: dict | None = None, routes: tuple[str, str] = ("math", "logic"),
-             method: dict | None = None) -> Callable[[Path, dict], None]:
-    """The config with two teachers (model.teachers), a two-source data.mixture and teacher_mix."""
+             method: dict | None = None, own: dict | None = None) -> Callable[[Path, dict], None]:
+    """The config with two teachers (model.teachers), a two-source data.mixture and teacher_mix;
+    `own`: the second teacher's own method keys (model.teachers.logic.method)."""
     def apply(tmp: Path, cfg: dict) -> None:
         t = cfg["model"]["teacher"] if keep_teacher else cfg["model"].pop("teacher")
         if second == "other-tokenizer":
             other_tokenizer_student(tmp, {"model": cfg["model"] | {}})
         logic = {"teacher": str(tmp / "other")} if second == "other-tokenizer" else (second or {"teacher": t})
         cfg["model"]["teachers"] = {"math": {"teacher": t, "weight": weights[0]}, "logic": {**logic, "weight": weights[1]}}
+        if own is not None:
+            cfg["model"]["teachers"]["logic"]["method"] = own
         cfg["data"] = {"mixture": [{"recipe": "arithmetic", "num_train": 8, "num_eval": 4, "teacher": r} for r in routes]}
         cfg["method"].update({"teacher_mix": mix, **(method or {})})
     return apply
@@ -365,6 +368,12 @@ CASES = {
     "teachers-weight-negative": Case(("weights", "must be >= 0 with a positive sum"), teachers(weights=(-1.0, 2.0))),
     "teachers-and-teacher": Case(("model.teacher / model.teacher_server and model.teachers are both set",),
                                  teachers(keep_teacher=True)),
+    "teachers-own-lmbda": Case(("model.teachers.logic.method.lmbda is not per teacher",
+                                "set lmbda in the shared method section"), teachers(own={"lmbda": 0.5})),
+    "teachers-own-sampler": Case(("model.teachers.logic.method.max_new_tokens is not per teacher",),
+                                 teachers(own={"kind": "rkl", "max_new_tokens": 8})),
+    "teachers-own-method-mean": Case(("model.teachers.logic.method with teacher_mix=mean", "shared method section"),
+                                     teachers(mix="mean", own={"kind": "rkl"})),
     # output_dir and resume
     "output-under-a-file": Case(("output_dir=", "is a regular file"),
                                 edit(output_dir=lambda tmp: file_text("notes.txt", "x")(tmp) + "/run")),

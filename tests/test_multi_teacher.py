@@ -269,3 +269,14 @@ def test_cross_tokenizer_teacher_beside_a_same_tokenizer_one(xtok, student_tok_t
     on_policy.train()                   # student samples, re-tokenised for the other teacher
     logged = {k: v for h in on_policy.state.log_history for k, v in h.items()}
     assert logged["on_policy"] == 1.0 and "alm_other" in logged and "kd_same" in logged
+
+
+def test_a_teacher_of_another_method_samples_like_the_shared_section():
+    """A teacher's own method name starts from that method's defaults, but the sampling keys of
+    the shared method section still reach it: a step samples once for all its teachers."""
+    from llmkd.config import MethodSpec
+    from llmkd.teachers.spec import TeacherSpec, teacher_method
+
+    shared = MethodSpec(name="token_kd", params={"lmbda": 0.5, "max_new_tokens": 9, "kind": "rkl", "seq_kd": False})
+    spec = TeacherSpec(teacher="x", method={"name": "cross_tokenizer", "loss": "alm"})
+    assert teacher_method(shared, spec) == ("cross_tokenizer", {"lmbda": 0.5, "max_new_tokens": 9, "loss": "alm"})

@@ -19,6 +19,9 @@ from llmkd.validation import check_keys, coerce
 
 MIXES = ("route", "mean")
 MANIFEST = "llmkd_teachers.json"
+# Keys of the batch's one sampling decision (where its responses come from, how they are sampled):
+# a step samples once for all its rows, so these come from the shared `method` section only.
+SHARED_METHOD_KEYS = ("lmbda", "seq_kd", "max_new_tokens", "gen_temperature", "top_p", "sampler", "vllm")
 
 
 @dataclass
@@ -63,10 +66,16 @@ def teacher_specs(model: Any) -> dict[str, TeacherSpec]:
 
 def teacher_method(method: Any, spec: TeacherSpec) -> tuple[str, dict[str, Any]]:
     """(method name, params) for one teacher: the method section, with the teacher's own `method`
-    keys on top; another method name starts from that method's defaults."""
+    keys on top; another method name starts from that method's defaults plus the shared sampling
+    keys it knows (SHARED_METHOD_KEYS), so every teacher's instance samples alike."""
+    from llmkd.methods import get_params
+
     own = dict(spec.method or {})
     name = own.pop("name", method.name)
-    return name, ({**method.params, **own} if name == method.name else own)
+    if name == method.name:
+        return name, {**method.params, **own}
+    fields = {f.name for f in dataclasses.fields(get_params(name))}
+    return name, {**{k: v for k, v in method.params.items() if k in SHARED_METHOD_KEYS and k in fields}, **own}
 
 
 def check_teachers(model: Any, data: Any, method: Any, params: Any) -> None:
@@ -145,6 +154,13 @@ def _own_params(method: Any, spec: TeacherSpec, name: str) -> Any:
     if spec.method is not None and not isinstance(spec.method, dict):
         raise ValueError(f"config: model.teachers.{name}.method must be a mapping of method keys, e.g. "
                          f"{{name: cross_tokenizer, loss: alm}}; found {spec.method!r}")
+    shared = [k for k in (spec.method or {}) if k in SHARED_METHOD_KEYS]
+    if shared:
+        raise ValueError(f"config: model.teachers.{name}.method.{shared[0]} is not per teacher: a step samples "
+                         f"once for all its rows; set {shared[0]} in the shared method section")
+    if spec.method and method.teacher_mix == "mean":
+        raise ValueError(f"config: model.teachers.{name}.method with teacher_mix=mean: one loss scores the "
+                         "mixture; set method keys in the shared method section (or use teacher_mix=route)")
     own, raw = teacher_method(method, spec)
     try:
         return get_params(own).from_dict(raw)
