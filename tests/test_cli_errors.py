@@ -192,6 +192,19 @@ def teachers(mix: str = "route", weights: tuple[float, float] = (1.0, 1.0), keep
     return apply
 
 
+def several_teacher_dir(tmp: Path, cfg: dict, names: tuple[str, ...], single: bool = False) -> None:
+    """data.path = a generated dir of several teachers (its manifest; the shards are not read
+    before the error), model.teachers = math + logic offline (or the one model.teacher)."""
+    (tmp / "mix").mkdir()
+    (tmp / "mix" / "manifest.json").write_text(json.dumps({"metadata": {"teachers": {n: {} for n in names}}}))
+    if not single:
+        cfg["model"].pop("teacher")
+        cfg["model"]["teachers"] = {"math": {"teacher_mode": "offline"}, "logic": {"teacher_mode": "offline"}}
+    else:
+        cfg["model"]["teacher_mode"] = "offline"
+    cfg["data"] = {"path": str(tmp / "mix"), "num_train": 4, "num_eval": 2}
+
+
 def eval_argv(model: Callable[[Path], str], *extra: str) -> Callable[[Path], list[str]]:
     return lambda tmp: ["eval", "--model", model(tmp), "--recipes", "arithmetic", "--backend", "hf",
                         "--out", str(tmp / "eval"), *extra]
@@ -368,6 +381,13 @@ CASES = {
     "teachers-weight-negative": Case(("weights", "must be >= 0 with a positive sum"), teachers(weights=(-1.0, 2.0))),
     "teachers-and-teacher": Case(("model.teacher / model.teacher_server and model.teachers are both set",),
                                  teachers(keep_teacher=True)),
+    "teachers-generated-unknown": Case(("holds rows of teacher 'chat', which is not in model.teachers",),
+                                       lambda tmp, cfg: several_teacher_dir(tmp, cfg, ("math", "chat"))),
+    "teachers-generated-single": Case(("holds rows of teachers math, logic; name them in model.teachers",),
+                                      lambda tmp, cfg: several_teacher_dir(tmp, cfg, ("math", "logic"), single=True)),
+    "generate-mixture-no-teacher": Case(("mixture[0].teacher=None", "each source names its teacher"),
+                                        argv=generate_argv(mixture=[{"recipe": "arithmetic", "num_prompts": 2}]),
+                                        light=False),
     "teachers-own-lmbda": Case(("model.teachers.logic.method.lmbda is not per teacher",
                                 "set lmbda in the shared method section"), teachers(own={"lmbda": 0.5})),
     "teachers-own-sampler": Case(("model.teachers.logic.method.max_new_tokens is not per teacher",),

@@ -81,7 +81,7 @@ def teacher_method(method: Any, spec: TeacherSpec) -> tuple[str, dict[str, Any]]
 def check_teachers(model: Any, data: Any, method: Any, params: Any) -> None:
     """Every teacher-set rule, one line each: kinds the method can use, names the mixture routes
     to, weights, `mean`'s shared tokenizer, the derived student's teacher."""
-    from llmkd.data.mixture import sources
+    from llmkd.data.mixture import generated_teachers, sources
     from llmkd.teachers import check_teacher_kind
 
     mix = method.teacher_mix
@@ -93,6 +93,11 @@ def check_teachers(model: Any, data: Any, method: Any, params: Any) -> None:
         if data.mixture and any(t not in (None, "teacher") for t, _ in sources(data)):
             raise ValueError("config: data.mixture names teachers but model.teachers is not set; name "
                              "them in model.teachers, or drop the sources' teacher keys")
+        several = next((src.path for _, src in sources(data) if generated_teachers(src.path)), None)
+        if several:
+            raise ValueError(f"config: data path {several!r} holds rows of teachers "
+                             f"{', '.join(generated_teachers(several))}; name them in model.teachers "
+                             "(e.g. {NAME: {teacher_mode: offline}}) to route each row to its teacher")
         return
     if model.teacher is not None or model.teacher_server:
         raise ValueError("config: model.teacher / model.teacher_server and model.teachers are both set; "
@@ -112,6 +117,18 @@ def check_teachers(model: Any, data: Any, method: Any, params: Any) -> None:
     used = set()
     for i, (teacher, src) in enumerate(sources(data)):
         where = f"data.mixture[{i}].teacher" if data.mixture else "data"
+        inside = generated_teachers(src.path)
+        if inside:          # a generated dir of several teachers: its rows name their teachers
+            if teacher is not None and teacher not in inside:
+                raise ValueError(f"config: {where}={teacher!r} has no rows in {src.path!r} (its teachers: "
+                                 f"{', '.join(inside)}); name one of them, or drop the key to take all")
+            for name in [teacher] if teacher is not None else inside:
+                if name not in specs:
+                    raise ValueError(f"config: {src.path!r} holds rows of teacher {name!r}, which is not in "
+                                     f"model.teachers ({', '.join(names)}); add it (e.g. {{teacher_mode: "
+                                     "offline}), or take other teachers' rows with data.mixture[].teacher")
+                used.add(name)
+            continue
         if teacher is None:
             if mix == "route" and len(names) > 1:
                 raise ValueError(f"config: {where} is missing: with several teachers and teacher_mix=route "
