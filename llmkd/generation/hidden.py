@@ -38,6 +38,9 @@ def check_config(cfg: Any) -> None:
     if cfg.cache != "lossless":
         raise ValueError(f"config: cache={cfg.cache!r} compresses top-k log-probs, which targets=hidden "
                          "does not store; drop cache or set targets=topk")
+    if getattr(cfg, "mixture", None):
+        raise ValueError("config: targets=hidden stores one teacher's output head per dataset, but mixture "
+                         "names several teachers; generate each teacher into its own output_dir")
     if cfg.hidden_dtype not in HIDDEN_DTYPES:
         raise ValueError(f"config: hidden_dtype={cfg.hidden_dtype!r} is unknown; use one of {HIDDEN_DTYPES}")
 
