@@ -275,7 +275,7 @@ def test_a_teacher_of_another_method_samples_like_the_shared_section():
     """A teacher's own method name starts from that method's defaults, but the sampling keys of
     the shared method section still reach it: a step samples once for all its teachers."""
     from llmkd.training.config import MethodSpec
-    from llmkd.teachers.spec import TeacherSpec, teacher_method
+    from llmkd.training.teachers import TeacherSpec, teacher_method
 
     shared = MethodSpec(name="token_kd", params={"lmbda": 0.5, "max_new_tokens": 9, "kind": "rkl", "seq_kd": False})
     spec = TeacherSpec(teacher="x", method={"name": "cross_tokenizer", "loss": "alm"})
