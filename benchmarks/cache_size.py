@@ -36,8 +36,9 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cache_size.json"
 DISTILLKIT_K50_BYTES = 114
-TOPK_COLS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass")
-KS = (20, 50)
+TOPK_COLS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_mass",
+             "teacher_topk_compact_ids", "teacher_topk_compact_levels", "teacher_topk_compact_meta")
+KS = (20, 50, 128)
 
 
 # -- shards ------------------------------------------------------------------------------------
@@ -52,23 +53,29 @@ def generate_shards(model: str, out: Path, args: argparse.Namespace) -> Path:
     return run_generation(cfg, progress=False)
 
 
-def write_cut(src: Path, dst: Path, k: int) -> Path:
-    """The rows of `src` with each position's top-k list cut to its k best entries."""
+def write_cut(src: Path, dst: Path, k: int, cache: str = "lossless", vocab: int = 2**31) -> Path:
+    """The rows of `src` with each position's top-k list cut to its k best entries, written as
+    `llmkd generate` writes them with `cache` (lossless columns or the compact codec)."""
     import pyarrow.parquet as pq
 
+    from llmkd.generation import codec
     from llmkd.generation.run import GenerationConfig, _schema
     from llmkd.generation.writer import ShardWriter, read_manifest
 
-    config = dict(read_manifest(src)["config"], topk=k)
+    config = dict(read_manifest(src)["config"], topk=k, cache=cache)
     rows = []
     for shard in sorted(src.glob("shard-*.parquet")):
         for row in pq.read_table(shard).to_pylist():
             ids = [x[:k] for x in row["teacher_topk_ids"]]
             lps = [x[:k] for x in row["teacher_topk_logprobs"]]
+            if cache == "compact":
+                rest = {c: v for c, v in row.items() if c not in codec.DECODED}
+                rows.append({**rest, **codec.encode_row(ids, lps, width=codec.id_bytes(vocab))})
+                continue
             rows.append({**row, "teacher_topk_ids": ids, "teacher_topk_logprobs": lps,
                          "teacher_tail_mass": [max(0.0, 1.0 - math.fsum(math.exp(v) for v in lp))
                                                for lp in lps]})
-    writer = ShardWriter(dst, config, _schema(GenerationConfig(topk=k)))
+    writer = ShardWriter(dst, config, _schema(GenerationConfig(topk=k, cache=cache)))
     writer.add(rows)
     writer.close()
     return dst
@@ -244,6 +251,31 @@ def fidelity(t_logp: Any, s_logits: Any, ids: Any, lps: Any, chunk: int = 512) -
             "grad_cos_vs_dense": dot / math.sqrt(max(n_sparse * n_dense, 1e-300))}
 
 
+def compact_entry(out: Path, ids: Any, lps: Any, t_logp: Any, s_logits: Any) -> dict[str, Any]:
+    """Bytes of a `cache: compact` dir, and its fidelity: per-position KL between the lossless
+    stored top-k + tail and the decoded one (as the loss reads both), and `fidelity` vs the teacher."""
+    import torch
+
+    from llmkd.generation.writer import load_generated
+
+    rows = load_generated(out)
+    c_ids = torch.tensor([p for r in rows["teacher_topk_ids"] for p in r])
+    c_lps = torch.tensor([p for r in rows["teacher_topk_logprobs"] for p in r])
+    order = ids.argsort(-1)                    # decoded lists are sorted by token id
+    assert torch.equal(ids.gather(-1, order), c_ids)
+    eps = torch.finfo(torch.float32).eps
+
+    def bins(v: Any) -> Any:
+        v = v.double()
+        tail = torch.log((1 - v.exp().sum(-1, keepdim=True)).clamp(min=eps))
+        return torch.cat([v, tail], -1).log_softmax(-1)
+
+    exact, comp = bins(lps.float().gather(-1, order)), bins(c_lps)
+    kl = (exact.exp() * (exact - comp)).sum(-1).clamp(min=0)
+    return {"disk": disk_bytes(out), "kl_vs_stored_mean": float(kl.mean()),
+            "kl_vs_stored_max": float(kl.max()), **fidelity(t_logp, s_logits, c_ids, c_lps)}
+
+
 def truncation_kl(t_logp: Any, k: int) -> dict[str, float]:
     """KL(full teacher || top-k + tail spread evenly over the other V - k ids) and the tail mass."""
     import torch
@@ -269,6 +301,10 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="tiny random model, 8 prompts")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--shards", type=Path, default=None,
+                        help=f"reuse an `llmkd generate` dir made with topk >= {max(KS)} (same flags)")
+    parser.add_argument("--compact-only", action="store_true",
+                        help="skip the candidate encodings: the shards and `cache: compact` alone")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     output = args.output or (RESULTS.with_name("cache_size_quick.json") if args.quick else RESULTS)
@@ -287,7 +323,7 @@ def main() -> None:
             model_dir = str(save_tiny_pair(tmp_path / "tiny", pretrain_steps=30)[0])
         else:
             model_dir = resolve_model_name(args.model)
-        src = generate_shards(model_dir, tmp_path / f"k{max(KS)}", args)
+        src = args.shards or generate_shards(model_dir, tmp_path / f"k{max(KS)}", args)
         dirs = {max(KS): src, **{k: write_cut(src, tmp_path / f"k{k}", k) for k in KS if k != max(KS)}}
         rows = [r for s in sorted(src.glob("shard-*.parquet")) for r in pq.read_table(s).to_pylist()]
         t_logp, s_logits = teacher_positions(model_dir, rows)
@@ -304,11 +340,17 @@ def main() -> None:
             entry: dict[str, Any] = {"disk": disk_bytes(dirs[k]), **truncation_kl(t_logp, k),
                                      "max_abs_stored_vs_teacher_forward": stored_vs_forward,
                                      "encodings": {}}
-            for name, enc in encodings(vocab).items():
+            for name, enc in ({} if args.compact_only else encodings(vocab)).items():
                 size, decoded = encode_decode(ids, lps, enc, tmp_path / f"enc-{k}.parquet")
                 entry["encodings"][name] = {"bytes_per_token": size / ids.shape[0],
                                             **fidelity(t_logp, s_logits, ids, decoded)}
+            entry["compact"] = compact_entry(write_cut(src, tmp_path / f"c{k}", k, "compact", vocab),
+                                             ids, lps, t_logp, s_logits)
             report["k"][str(k)] = entry
+        if not args.compact_only:
+            from cache_hidden import hidden_entry   # beside this script
+
+            report["hidden"] = hidden_entry(model_dir, src, tmp_path / "hidden", t_logp)
 
     tokens = report["k"][str(max(KS))]["disk"]["tokens"]
     print(f"teacher {report['model']} (V={vocab}), {len(rows)} held-out responses, {tokens} tokens "
@@ -324,9 +366,21 @@ def main() -> None:
         for name, r in e["encodings"].items():
             print(f"  {name:44s} {r['bytes_per_token']:8.1f} {r['kl_bins']:9.1e} "
                   f"{r['loss_err_vs_exact_bins']:9.1e} {r['grad_cos_vs_dense']:9.5f}")
-        base = next(iter(e["encodings"].values()))
-        print(f"  student fKL on the stored top-{k} + tail: {base['loss_sparse']:.4f} nats/token "
-              f"vs {base['loss_dense']:.4f} against the full teacher")
+        c = e["compact"]
+        print(f"  {'cache: compact (on disk, whole shard)':44s} {c['disk']['bytes_per_token']:8.1f} "
+              f"{c['kl_bins']:9.1e} {c['loss_err_vs_exact_bins']:9.1e} {c['grad_cos_vs_dense']:9.5f}"
+              f"   top-k columns {c['disk']['topk_bytes_per_token']:.1f} B/token; KL(stored || "
+              f"compact) mean {c['kl_vs_stored_mean']:.1e} max {c['kl_vs_stored_max']:.1e}")
+        base = next(iter(e["encodings"].values()), None)
+        if base is not None:
+            print(f"  student fKL on the stored top-{k} + tail: {base['loss_sparse']:.4f} nats/token "
+                  f"vs {base['loss_dense']:.4f} against the full teacher")
+    h = report.get("hidden")
+    if h is not None:
+        print(f"\ntargets: hidden ({h['hidden_dtype']}, H={h['hidden_size']}): shard "
+              f"{h['disk']['bytes_per_token']:.1f} B/token ({h['hidden_bytes_per_token']:.1f} the states) + "
+              f"{h['head_file_bytes'] / 2**20:.1f} MiB head once per dir; KL(full teacher || stored) "
+              f"mean {h['kl_full_vs_stored_mean']:.1e} max {h['kl_full_vs_stored_max']:.1e}")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(f"wrote {output}")

@@ -163,3 +163,24 @@ def test_gpu_suite_runs_on_the_cpu_with_tiny_shapes(tmp_path: Path) -> None:
         assert all(row["student_forward"] > 0 and row["backward"] > 0 for row in table)
     assert all(row["sample"] > 0 for row in step["llmkd_on"]["phases_per_step"])
     assert step["llmkd_off"]["loss_step1"] == pytest.approx(step["trl_gkd"]["loss_step1"], rel=1e-4)
+
+
+def test_multi_teacher_tiny_writes_every_row_per_source(tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    import multi_teacher
+
+    args = argparse.Namespace(tiny=True, steps=2, batch=4, lr=3e-3, num_train=4, num_eval=4, max_new_tokens=6,
+                              teacher_layers=2, teacher_steps=2, teacher_lr=3e-3, student_layers=1, seed=0,
+                              work=str(tmp_path), out=None)
+    multi_teacher.run(args)
+    rows = {r["row"]: r for r in json.loads((tmp_path / "multi_teacher.json").read_text())["rows"]}
+    assert set(rows) == {"math_alone", "logic_alone", "routed", "mean", "teacher_math", "teacher_logic"}
+    for name in ("math_alone", "logic_alone", "routed", "mean"):
+        for src in ("math", "logic"):
+            m = rows[name][src]
+            assert m["kl_to_teacher"] > 0 and m["n"] == 4 and 0 <= m["ci95"][0] <= m["accuracy"] <= m["ci95"][1]
+        assert rows[name]["s_per_step"] > 0
+    # the specialists differ (each fine-tuned on its own source), so routing changes the targets
+    assert rows["math_alone"]["logic"]["kl_to_teacher"] != rows["logic_alone"]["logic"]["kl_to_teacher"]

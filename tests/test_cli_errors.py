@@ -176,17 +176,33 @@ def another_run_holds_the_lock(tmp: Path, cfg: dict) -> None:
 
 def teachers(mix: str = "route", weights: tuple[float, float] = (1.0, 1.0), keep_teacher: bool = False,
              second: dict | None = None, routes: tuple[str, str] = ("math", "logic"),
-             method: dict | None = None) -> Callable[[Path, dict], None]:
-    """The config with two teachers (model.teachers), a two-source data.mixture and teacher_mix."""
+             method: dict | None = None, own: dict | None = None) -> Callable[[Path, dict], None]:
+    """The config with two teachers (model.teachers), a two-source data.mixture and teacher_mix;
+    `own`: the second teacher's own method keys (model.teachers.logic.method)."""
     def apply(tmp: Path, cfg: dict) -> None:
         t = cfg["model"]["teacher"] if keep_teacher else cfg["model"].pop("teacher")
         if second == "other-tokenizer":
             other_tokenizer_student(tmp, {"model": cfg["model"] | {}})
         logic = {"teacher": str(tmp / "other")} if second == "other-tokenizer" else (second or {"teacher": t})
         cfg["model"]["teachers"] = {"math": {"teacher": t, "weight": weights[0]}, "logic": {**logic, "weight": weights[1]}}
+        if own is not None:
+            cfg["model"]["teachers"]["logic"]["method"] = own
         cfg["data"] = {"mixture": [{"recipe": "arithmetic", "num_train": 8, "num_eval": 4, "teacher": r} for r in routes]}
         cfg["method"].update({"teacher_mix": mix, **(method or {})})
     return apply
+
+
+def several_teacher_dir(tmp: Path, cfg: dict, names: tuple[str, ...], single: bool = False) -> None:
+    """data.path = a generated dir of several teachers (its manifest; the shards are not read
+    before the error), model.teachers = math + logic offline (or the one model.teacher)."""
+    (tmp / "mix").mkdir()
+    (tmp / "mix" / "manifest.json").write_text(json.dumps({"metadata": {"teachers": {n: {} for n in names}}}))
+    if not single:
+        cfg["model"].pop("teacher")
+        cfg["model"]["teachers"] = {"math": {"teacher_mode": "offline"}, "logic": {"teacher_mode": "offline"}}
+    else:
+        cfg["model"]["teacher_mode"] = "offline"
+    cfg["data"] = {"path": str(tmp / "mix"), "num_train": 4, "num_eval": 2}
 
 
 def eval_argv(model: Callable[[Path], str], *extra: str) -> Callable[[Path], list[str]]:
@@ -365,6 +381,19 @@ CASES = {
     "teachers-weight-negative": Case(("weights", "must be >= 0 with a positive sum"), teachers(weights=(-1.0, 2.0))),
     "teachers-and-teacher": Case(("model.teacher / model.teacher_server and model.teachers are both set",),
                                  teachers(keep_teacher=True)),
+    "teachers-generated-unknown": Case(("holds rows of teacher 'chat', which is not in model.teachers",),
+                                       lambda tmp, cfg: several_teacher_dir(tmp, cfg, ("math", "chat"))),
+    "teachers-generated-single": Case(("holds rows of teachers math, logic; name them in model.teachers",),
+                                      lambda tmp, cfg: several_teacher_dir(tmp, cfg, ("math", "logic"), single=True)),
+    "generate-mixture-no-teacher": Case(("mixture[0].teacher=None", "each source names its teacher"),
+                                        argv=generate_argv(mixture=[{"recipe": "arithmetic", "num_prompts": 2}]),
+                                        light=False),
+    "teachers-own-lmbda": Case(("model.teachers.logic.method.lmbda is not per teacher",
+                                "set lmbda in the shared method section"), teachers(own={"lmbda": 0.5})),
+    "teachers-own-sampler": Case(("model.teachers.logic.method.max_new_tokens is not per teacher",),
+                                 teachers(own={"kind": "rkl", "max_new_tokens": 8})),
+    "teachers-own-method-mean": Case(("model.teachers.logic.method with teacher_mix=mean", "shared method section"),
+                                     teachers(mix="mean", own={"kind": "rkl"})),
     # output_dir and resume
     "output-under-a-file": Case(("output_dir=", "is a regular file"),
                                 edit(output_dir=lambda tmp: file_text("notes.txt", "x")(tmp) + "/run")),

@@ -269,3 +269,59 @@ def test_cross_tokenizer_teacher_beside_a_same_tokenizer_one(xtok, student_tok_t
     on_policy.train()                   # student samples, re-tokenised for the other teacher
     logged = {k: v for h in on_policy.state.log_history for k, v in h.items()}
     assert logged["on_policy"] == 1.0 and "alm_other" in logged and "kd_same" in logged
+
+
+def test_a_teacher_of_another_method_samples_like_the_shared_section():
+    """A teacher's own method name starts from that method's defaults, but the sampling keys of
+    the shared method section still reach it: a step samples once for all its teachers."""
+    from llmkd.training.config import MethodSpec
+    from llmkd.training.teachers import TeacherSpec, teacher_method
+
+    shared = MethodSpec(name="token_kd", params={"lmbda": 0.5, "max_new_tokens": 9, "kind": "rkl", "seq_kd": False})
+    spec = TeacherSpec(teacher="x", method={"name": "cross_tokenizer", "loss": "alm"})
+    assert teacher_method(shared, spec) == ("cross_tokenizer", {"lmbda": 0.5, "max_new_tokens": 9, "loss": "alm"})
+
+
+def test_generate_several_teachers_into_one_dataset_then_train_offline_routed(tiny_pair, second_teacher, tmp_path):
+    """`llmkd generate` with a mixture: each source answered by its own teacher into one dataset
+    with a `teacher` column (resumable: a rerun generates nothing, a larger source only its new
+    prompts); offline multi-teacher training on that dir routes each row to its teacher and its
+    top-k are that teacher's."""
+    from llmkd.generation.run import GenerationConfig, run_generation
+    from llmkd.generation.writer import load_generated, read_manifest
+
+    out = tmp_path / "gen"
+
+    def gen(n_logic: int) -> dict:
+        cfg = GenerationConfig(backend="hf", max_model_len=256, max_new_tokens=6, topk=5, output_dir=str(out),
+                               shard_size=4, mixture=[
+                                   {"teacher": "math", "model": tiny_pair[0], "recipe": "arithmetic", "num_prompts": 6},
+                                   {"teacher": "logic", "model": second_teacher, "recipe": "arithmetic",
+                                    "num_prompts": n_logic}])
+        run_generation(cfg, progress=False)
+        return read_manifest(out)["metadata"]
+
+    meta = gen(4)
+    assert set(meta["teachers"]) == {"math", "logic"} and meta["prompts"]["generated_this_run"] == 10
+    assert gen(4)["prompts"]["generated_this_run"] == 0          # resume: every key on disk
+    assert gen(6)["prompts"]["generated_this_run"] == 2          # only logic's two new prompts
+    rows = load_generated(out)
+    assert sorted(rows["teacher"]).count("math") == 6 and sorted(rows["teacher"]).count("logic") == 6
+    stored = {(r["teacher"], r["id"]): r["teacher_topk_ids"] for r in rows}
+    assert any(stored[("math", i)] != stored[("logic", i)] for t, i in stored if t == "math")
+
+    cfg = config_from_dict({
+        "output_dir": str(tmp_path / "run"), "max_steps": 1, "learning_rate": 1e-2, "per_device_train_batch_size": 8,
+        "logging_steps": 1, "use_cpu": True, "save_strategy": "no", "seed": 0, "disable_tqdm": True,
+        "model": {"student": tiny_pair[1], "teachers": {"math": {"teacher_mode": "offline"},
+                                                        "logic": {"teacher_mode": "offline"}}},
+        "data": {"path": str(out), "num_train": 4, "num_eval": 2},
+        "method": {"name": "token_kd", "kind": "fkl"}})
+    trainer = build_trainer(cfg)
+    train = trainer.train_dataset
+    assert sorted(train["teacher"]) == ["logic"] * 4 + ["math"] * 4
+    for r in train:
+        assert r["teacher_topk_ids"] == stored[(r["teacher"], r["id"])]
+    trainer.train()
+    logged = {k: v for h in trainer.state.log_history for k, v in h.items()}
+    assert logged["rows_math"] == 4 and logged["rows_logic"] == 4 and "kd_math" in logged and "kd_logic" in logged

@@ -13,6 +13,8 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from llmkd.data import hidden
+
 TOPK_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs")
 
 
@@ -72,6 +74,8 @@ def tokenize_rows(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, respo
         if exact and "teacher_topk_ids" in row and row["teacher_topk_ids"] is not None:
             out["teacher_topk_ids"] = [list(x) for x in row["teacher_topk_ids"][:keep]]
             out["teacher_topk_logprobs"] = [list(x) for x in row["teacher_topk_logprobs"][:keep]]
+        if exact and row.get(hidden.COLUMN) is not None:   # targets: hidden
+            out[hidden.COLUMN] = hidden.truncate(row[hidden.COLUMN], len(resp), keep)
         return out
 
     out = dataset.map(encode, desc="tokenize")
@@ -116,6 +120,8 @@ class DistillCollator:
             batch["teacher_topk_ids"] = torch.zeros((b, n, k), dtype=torch.long)
             # padding positions get a finite uniform distribution; the loss mask drops them
             batch["teacher_topk_logprobs"] = torch.full((b, n, k), -math.log(k), dtype=torch.float32)
+        if hidden.COLUMN in rows[0]:
+            batch[hidden.COLUMN] = hidden.lay_hidden(rows, n)
         for i, r in enumerate(rows):
             ids, pl = r["input_ids"], r["prompt_len"]
             batch["input_ids"][i, : len(ids)] = torch.tensor(ids)

@@ -4,10 +4,15 @@
 num_eval / ...) plus `teacher: NAME`; the keys it does not set come from the `data` section
 (max_length, seed, response, allow_fewer). Rows carry their teacher's name in a `teacher` column,
 which `llmkd.methods.mix` routes on. Without a mixture the `data` section is the one source.
+A generated dir of several teachers (`llmkd generate` with a mixture) already has that column:
+its rows keep their teachers (`split_sources`), or a source's `teacher: NAME` takes that
+teacher's rows only.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmkd.validation import check_keys, coerce
@@ -42,6 +47,29 @@ def sources(data: Any) -> list[tuple[str | None, Any]]:
         out.append((teacher, dataclasses.replace(data, **{"mixture": None, "recipe": None, "path": None,
                                                            **coerce(where, entry, type(data))})))
     return out
+
+
+def generated_teachers(path: str | None) -> list[str]:
+    """The teachers of a generated dir written by several (its manifest's `teachers`); [] for a
+    dir of one teacher, a recipe file or no path. Reads only the manifest (no shards, no torch)."""
+    manifest = Path(path) / "manifest.json" if path else None
+    if manifest is None or not manifest.is_file():
+        return []
+    try:
+        return list(json.loads(manifest.read_text()).get("metadata", {}).get("teachers", {}))
+    except (ValueError, AttributeError):
+        return []
+
+
+def split_sources(teacher: str | None, src: Any) -> list[tuple[str | None, str | None]]:
+    """[(teacher, rows to take: that teacher's of a several-teacher dir, or None for all)] of one
+    source: a several-teacher dir without `teacher:` is one part per teacher in it."""
+    inside = generated_teachers(src.path)
+    if not inside:
+        return [(teacher, None)]
+    if teacher is not None:
+        return [(teacher, teacher)]
+    return [(name, name) for name in inside]
 
 
 def tag(rows: Dataset, teacher: str) -> Dataset:

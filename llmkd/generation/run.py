@@ -1,5 +1,9 @@
 """`llmkd generate`: recipe prompts -> teacher completions (+ top-k log-probs) -> parquet shards.
 
+With `mixture` (several teachers) each source's prompts are answered by its own teacher (model
+dir) into one dataset whose rows carry that teacher's name in a `teacher` column: the data of
+offline multi-teacher distillation (`model.teachers.NAME: {teacher_mode: offline}` + `data.path`).
+
 Everything that can be checked without the teacher (config keys and types, model dir, recipe and
 its columns, output dir ownership) is checked before the engine starts. Generation runs batch by
 batch and each batch is flushed to disk, so a killed run loses at most one batch and a rerun with
@@ -10,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmkd.generation.backends import BACKENDS, DTYPES
-from llmkd.generation.spec import Completion, SamplingSpec
+from llmkd.generation.spec import Completion
+from llmkd.generation.settings import (  # noqa: F401  (importers use these names from here)
+    GenerationConfig, load_config, resolve_model)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -23,117 +28,24 @@ if TYPE_CHECKING:
     from llmkd.data.recipes import Recipe
     from llmkd.generation.rationales import YieldCounter
 
-MODES = ("response", "rationale")
-
-
-@dataclass
-class GenerationConfig:
-    """One generation job. Unknown keys are rejected with the nearest valid one."""
-
-    model: str = "embedded"              # model dir, or "embedded" (SmolLM2-135M-Instruct)
-    backend: str = "vllm"                # vllm | hf
-    dtype: str = "float32"
-    max_model_len: int = 1024
-    tensor_parallel_size: int = 1        # vLLM: GPUs one engine shards the teacher over
-    engine: dict = field(default_factory=dict)   # extra engine kwargs (kv_cache_memory_bytes, ...)
-    recipe: str = "chain_sum"            # data_recipes name or recipe YAML path
-    data_path: str | None = None         # local data file overriding the recipe's source
-    num_prompts: int = 64
-    offset: int = 0
-    seed: int = 0
-    mode: str = "response"               # response: answer the prompt; rationale: few-shot CoT
-    chat_template: bool = True
-    n: int = 1                           # completions per prompt
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    topk: int = 20                       # teacher top-k log-probs kept per token (0 = none)
-    keep_incorrect: bool | None = None   # None: keep all in response mode, only correct in rationale
-    output_dir: str = "outputs/generations/run"
-    shard_size: int = 256                # rows per parquet shard
-    batch_size: int | None = None        # prompts per generation batch; None: shard_size // n
-    workers: int = 1                     # processes (GPUs, nodes) sharing this run's prompts
-    worker: int = 0                      # which of them this is: prompt i goes to i % workers
-
-    def __post_init__(self) -> None:
-        for name, value, allowed in (("backend", self.backend, BACKENDS), ("mode", self.mode, MODES),
-                                     ("dtype", self.dtype, DTYPES)):
-            if value not in allowed:
-                raise ValueError(f"config: {name}={value!r} is unknown; use one of {allowed}")
-        for name in ("num_prompts", "shard_size", "max_model_len", "workers", "tensor_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config: {name}={getattr(self, name)} must be >= 1")
-        if self.offset < 0 or self.topk < 0:
-            raise ValueError("config: offset and topk must be >= 0")
-        if not 0 <= self.worker < self.workers:
-            raise ValueError(f"config: worker={self.worker} must be in [0, workers={self.workers}); "
-                             "number workers 0 .. workers-1 (e.g. --set worker=$SLURM_PROCID)")
-        if self.tensor_parallel_size > 1 and self.backend != "vllm":
-            raise ValueError(f"config: tensor_parallel_size={self.tensor_parallel_size} needs "
-                             "backend=vllm; the hf backend runs one model per process")
-        if "tensor_parallel_size" in self.engine:
-            raise ValueError("config: engine.tensor_parallel_size: set the top-level "
-                             "tensor_parallel_size instead")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"config: batch_size={self.batch_size} must be >= 1 (or null)")
-        if self.max_new_tokens >= self.max_model_len:
-            raise ValueError(f"config: max_new_tokens={self.max_new_tokens} leaves no room for the "
-                             f"prompt in max_model_len={self.max_model_len}; raise max_model_len")
-        self.sampling  # validates n / temperature / top_p
-
-    @property
-    def sampling(self) -> SamplingSpec:
-        return SamplingSpec(n=self.n, temperature=self.temperature, top_p=self.top_p,
-                            max_new_tokens=self.max_new_tokens, logprobs=self.topk, seed=self.seed)
-
-    @property
-    def keep_all(self) -> bool:
-        return self.mode == "response" if self.keep_incorrect is None else self.keep_incorrect
-
-    @property
-    def prompts_per_batch(self) -> int:
-        return self.batch_size or max(1, self.shard_size // self.n)
-
-    def fingerprint_fields(self, model_dir: Path) -> dict[str, Any]:
-        """What the rows depend on. Not num_prompts/offset (a rerun may extend the set), not
-        output/shard/batch sizes, workers or engine settings (layout and speed only)."""
-        d = dataclasses.asdict(self)
-        for key in ("num_prompts", "offset", "output_dir", "shard_size", "batch_size", "engine",
-                    "tensor_parallel_size", "workers", "worker"):
-            d.pop(key)
-        return {**d, "model": str(model_dir), "keep_incorrect": self.keep_all}
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> GenerationConfig:
-    """YAML file (optional) + `key=value` overrides -> validated GenerationConfig."""
-    from llmkd.validation import check_keys, coerce
-    from llmkd.yaml_reader import apply_overrides, read_yaml_mapping
-
-    raw = read_yaml_mapping(path, "generation config") if path is not None else {}
-    raw = apply_overrides(raw, list(overrides))
-    check_keys("", raw, [f.name for f in dataclasses.fields(GenerationConfig)])
-    return GenerationConfig(**coerce("", raw, GenerationConfig))
-
-
-def resolve_model(model: str) -> Path:
-    """A local model dir; "embedded" is materialised on first use by `llmkd.models.embedded`."""
-    from llmkd.generation.backends import check_model_dir
-    from llmkd.models.embedded import resolve_model_name
-
-    return Path(check_model_dir(resolve_model_name(model))).resolve()
-
-
 def _schema(cfg: GenerationConfig) -> pa.Schema:
     import pyarrow as pa
 
     ids = pa.list_(pa.int32())
-    cols = [("id", pa.string()), ("sample", pa.int32()), ("prompt", pa.string()),
+    cols = [("teacher", pa.string())] if cfg.mixture else []
+    cols += [("id", pa.string()), ("sample", pa.int32()), ("prompt", pa.string()),
             ("prompt_token_ids", ids), ("response", pa.string()), ("response_token_ids", ids),
             ("finish_reason", pa.string()), ("answer", pa.string()), ("gold", pa.string()),
             ("correct", pa.bool_())]
     if cfg.mode == "rationale":
         cols.append(("rationale", pa.string()))
-    if cfg.topk:
+    if cfg.targets == "hidden":
+        cols.append(("teacher_hidden", pa.binary()))
+    elif cfg.topk and cfg.cache == "compact":
+        from llmkd.generation.codec import COLUMNS
+
+        cols += [(c, pa.binary()) for c in COLUMNS]
+    elif cfg.topk:
         cols += [("teacher_topk_ids", pa.list_(ids)),
                  ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32()))),
                  ("teacher_tail_mass", pa.list_(pa.float32()))]
@@ -163,8 +75,10 @@ def build_prompts(cfg: GenerationConfig, recipe: Recipe, tokenizer: Any,
 
 
 def _rows_for(cfg: GenerationConfig, row: dict, prompt_ids: list[int], comps: list[Completion],
-              todo: set[int], kind: str, counter: YieldCounter) -> tuple[list[dict], list[tuple]]:
+              todo: set[int], kind: str, counter: YieldCounter, *, id_width: int = 4,
+              hidden: list[bytes] | None = None) -> tuple[list[dict], list[tuple]]:
     """Parquet rows for one prompt's completions (only the sample indices in `todo`)."""
+    from llmkd.generation.codec import encode_row
     from llmkd.generation.rationales import check, parse_rationale, parse_response
 
     rows, dropped = [], []
@@ -185,7 +99,11 @@ def _rows_for(cfg: GenerationConfig, row: dict, prompt_ids: list[int], comps: li
                "answer": pred, "gold": row["answer"], "correct": correct}
         if cfg.mode == "rationale":
             out["rationale"] = rationale
-        if cfg.topk:
+        if hidden is not None:
+            out["teacher_hidden"] = hidden[s]
+        elif cfg.topk and cfg.cache == "compact":
+            out.update(encode_row(c.topk_ids, c.topk_logprobs, width=id_width))
+        elif cfg.topk:
             out["teacher_topk_ids"] = c.topk_ids
             out["teacher_topk_logprobs"] = c.topk_logprobs
             out["teacher_tail_mass"] = [max(0.0, 1.0 - math.fsum(math.exp(v) for v in lps))
@@ -194,20 +112,27 @@ def _rows_for(cfg: GenerationConfig, row: dict, prompt_ids: list[int], comps: li
     return rows, dropped
 
 
-def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
-    """Generate what is missing in `cfg.output_dir` and return that directory."""
-    from tqdm.auto import tqdm
+@dataclass
+class _Source:
+    """One source of a run, prepared before any engine starts."""
+
+    teacher: str | None
+    cfg: GenerationConfig
+    model_dir: Path
+    recipe: Any
+    records: list[dict]
+    prompt_ids: list[list[int]]
+    tokenizer: Any
+
+
+def _prepare(cfg: GenerationConfig, teacher: str | None) -> _Source:
+    """Model dir, top-k against its vocabulary, recipe rows and prompt ids: no engine yet."""
     from transformers import AutoTokenizer
 
     from llmkd.data.recipes import load_recipe
-    from llmkd.generation.backends import check_engine_options, make_backend
-    from llmkd.generation.rationales import YieldCounter
-    from llmkd.generation.writer import ShardWriter
     from llmkd.preflight import model_vocab_size
 
-    # 1. Everything checkable without the teacher, before the engine starts.
     model_dir = resolve_model(cfg.model)
-    check_engine_options(cfg.backend, cfg.engine)
     vocab = model_vocab_size(model_dir)
     if vocab is not None and cfg.topk > vocab:
         raise ValueError(f"config: topk={cfg.topk} is more than the teacher's vocabulary ({vocab} tokens, "
@@ -217,52 +142,109 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
     records = data.select_columns(["id", "prompt", "answer"]).to_list()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     prompt_ids = build_prompts(cfg, recipe, tokenizer, [r["prompt"] for r in records])
-    writer = ShardWriter(cfg.output_dir, cfg.fingerprint_fields(model_dir), _schema(cfg),
-                         shard_size=cfg.shard_size, worker=cfg.worker, workers=cfg.workers)
+    return _Source(teacher, cfg, model_dir, recipe, records, prompt_ids, tokenizer)
 
-    # 2. What is left: this worker's prompts that fit, minus (id, sample) pairs on disk (written
-    #    by any worker, so a rerun with another worker count still skips finished prompts).
+
+def _one_tokenizer(sources: list[_Source]) -> dict[str, Any]:
+    """The tokenizer fingerprint all sources share: the stored token ids (and offline top-k) are
+    read as the student's ids in training, so one dataset holds one tokenizer."""
+    from llmkd.data.collate import tokenizer_fingerprint
+
+    prints = {s.teacher: tokenizer_fingerprint(s.tokenizer) for s in sources}
+    first = next(iter(prints.values()))
+    other = next((n for n, f in prints.items() if f != first), None)
+    if other is not None:
+        raise ValueError(f"config: mixture teacher {other!r} tokenizes differently from {sources[0].teacher!r}; "
+                         "one generated dataset holds one tokenizer's ids: generate it into its own output_dir")
+    return first
+
+
+def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
+    """Generate what is missing in `cfg.output_dir` and return that directory."""
+    from tqdm.auto import tqdm
+
+    from llmkd.generation.backends import check_engine_options, make_backend
+    from llmkd.generation.codec import id_bytes
+    from llmkd.generation.hidden import head_path, hidden_rows, save_head
+    from llmkd.generation.rationales import YieldCounter
+    from llmkd.generation.writer import ShardWriter
+
+    # 1. Everything checkable without the teacher(s), before any engine starts.
+    check_engine_options(cfg.backend, cfg.engine)
+    sources = [_prepare(c, name) for name, c in cfg.sources]
+    tokenizer_print = _one_tokenizer(sources)
+    keys = ("teacher", "id", "sample") if cfg.mixture else ("id", "sample")
+    writer = ShardWriter(cfg.output_dir, cfg.fingerprint_fields(sources[0].model_dir, [s.model_dir for s in sources]),
+                         _schema(cfg), shard_size=cfg.shard_size, key_columns=keys,
+                         worker=cfg.worker, workers=cfg.workers)
+
+    # 2. What is left: this worker's prompts that fit, minus keys on disk (written by any worker,
+    #    so a rerun with another worker count still skips finished prompts).
     limit = cfg.max_model_len - cfg.max_new_tokens
     counter = YieldCounter(keep_incorrect=cfg.keep_all)
     done = writer.done_keys()
-    todo: list[tuple[int, set[int]]] = []
-    for i, ids in enumerate(prompt_ids):
-        if i % cfg.workers != cfg.worker:
-            continue
-        if len(ids) > limit:
-            counter.skipped_too_long += 1
-            continue
-        missing = {s for s in range(cfg.n) if (records[i]["id"], s) not in done}
-        if missing:
-            todo.append((i, missing))
+    todo: list[tuple[_Source, list[tuple[int, set[int]]]]] = []
+    for src in sources:
+        mine = []
+        for i, ids in enumerate(src.prompt_ids):
+            if i % cfg.workers != cfg.worker:
+                continue
+            if len(ids) > limit:
+                counter.skipped_too_long += 1
+                continue
+            head = (src.teacher,) if cfg.mixture else ()
+            missing = {s for s in range(cfg.n) if (*head, src.records[i]["id"], s) not in done}
+            if missing:
+                mine.append((i, missing))
+        todo.append((src, mine))
 
-    # 3. Generate batch by batch; every batch lands on disk before the next starts.
+    # 3. Generate batch by batch, one teacher's engine at a time; every batch lands on disk
+    #    before the next starts.
     spec = cfg.sampling
     engine = dict(cfg.engine)
     if cfg.tensor_parallel_size > 1:
         engine["tensor_parallel_size"] = cfg.tensor_parallel_size
-    backend = make_backend(cfg.backend, str(model_dir), dtype=cfg.dtype,
-                           max_model_len=cfg.max_model_len, **engine) if todo else None
+    head_missing = cfg.targets == "hidden" and not head_path(cfg.output_dir).exists()
     new_tokens, gen_seconds = 0, 0.0
-    bar = tqdm(total=len(todo), desc=f"generate ({cfg.backend})", unit="prompt", disable=not progress)
+    bar = tqdm(total=sum(len(t) for _, t in todo), desc=f"generate ({cfg.backend})", unit="prompt",
+               disable=not progress)
     try:
-        for start in range(0, len(todo), cfg.prompts_per_batch):
-            batch = todo[start:start + cfg.prompts_per_batch]
-            t0 = time.perf_counter()
-            outs = backend.generate([prompt_ids[i] for i, _ in batch], spec, progress=False)
-            gen_seconds += time.perf_counter() - t0
-            for (i, missing), comps in zip(batch, outs):
-                new_tokens += sum(len(c.token_ids) for c in comps)
-                rows, dropped = _rows_for(cfg, records[i], prompt_ids[i], comps, missing,
-                                         recipe.answer_kind, counter)
-                writer.add(rows, dropped)
-            writer.flush()
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{new_tokens / max(gen_seconds, 1e-9):.0f}", kept=counter.kept)
+        for src, mine in todo:
+            if not mine and not (head_missing and done):
+                continue
+            backend = make_backend(cfg.backend, str(src.model_dir), dtype=cfg.dtype,
+                                   max_model_len=cfg.max_model_len, **engine)
+            width = id_bytes(len(src.tokenizer))
+            try:
+                for start in range(0, len(mine), cfg.prompts_per_batch):
+                    batch = mine[start:start + cfg.prompts_per_batch]
+                    t0 = time.perf_counter()
+                    outs = backend.generate([src.prompt_ids[i] for i, _ in batch], spec, progress=False)
+                    gen_seconds += time.perf_counter() - t0
+                    for (i, missing), comps in zip(batch, outs):
+                        new_tokens += sum(len(c.token_ids) for c in comps)
+                        states = None if cfg.targets == "topk" else hidden_rows(
+                            backend.model, src.prompt_ids[i], [c.token_ids for c in comps], cfg.hidden_dtype)
+                        rows, dropped = _rows_for(src.cfg, src.records[i], src.prompt_ids[i], comps, missing,
+                                                  src.recipe.answer_kind, counter, id_width=width, hidden=states)
+                        if cfg.mixture:
+                            rows = [{"teacher": src.teacher, **r} for r in rows]
+                            dropped = [(src.teacher, *k) for k in dropped]
+                        writer.add(rows, dropped)
+                    writer.flush()
+                    if head_missing:   # once per dir, beside the first shard
+                        save_head(backend.model, cfg.output_dir, vocab=len(src.tokenizer),
+                                  hidden_dtype=cfg.hidden_dtype)
+                        head_missing = False
+                    bar.update(len(batch))
+                    bar.set_postfix(tok_s=f"{new_tokens / max(gen_seconds, 1e-9):.0f}", kept=counter.kept)
+                if head_missing:   # shards of a run killed before its head
+                    save_head(backend.model, cfg.output_dir, vocab=len(src.tokenizer), hidden_dtype=cfg.hidden_dtype)
+                    head_missing = False
+            finally:
+                backend.close()
     finally:
         bar.close()
-        if backend is not None:
-            backend.close()
 
     # 4. Manifest: this run's counters (per worker too) plus totals over everything on disk.
     def totals() -> dict[str, Any]:
@@ -273,19 +255,25 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
                 "correct": sum(bool(c) for c in rows_on_disk),
                 "yield": len(rows_on_disk) / generated if generated else None}
 
-    prompts = {"requested": len(prompt_ids), "skipped_too_long": counter.skipped_too_long,
-               "generated_this_run": len(todo)}
+    prompts = {"requested": sum(len(s.prompt_ids) for s in sources), "skipped_too_long": counter.skipped_too_long,
+               "generated_this_run": sum(len(t) for _, t in todo)}
     last_run = {**counter.summary(), "new_tokens": new_tokens, "generate_seconds": round(gen_seconds, 3),
                 "tokens_per_second": round(new_tokens / gen_seconds, 2) if gen_seconds else None}
     per_worker = {"workers": {str(cfg.worker): {"prompts": prompts, "last_run": last_run}}} \
         if cfg.workers > 1 else {}
-    from llmkd.data.collate import tokenizer_fingerprint
-
+    first = sources[0]
+    teacher = {"name": first.model_dir.name, "path": str(first.model_dir), "backend": cfg.backend,
+               "dtype": cfg.dtype, "tokenizer": tokenizer_print}
+    recipe = {"name": first.recipe.name, "answer_kind": first.recipe.answer_kind,
+              "num_prompts": first.cfg.num_prompts, "offset": first.cfg.offset}
+    if cfg.mixture:     # per teacher: its model and recipe (rows: the `teacher` column)
+        per_teacher = {"teachers": {s.teacher: {"name": s.model_dir.name, "path": str(s.model_dir), "recipe": {
+            "name": s.recipe.name, "answer_kind": s.recipe.answer_kind, "num_prompts": s.cfg.num_prompts,
+            "offset": s.cfg.offset}} for s in sources}}
+    else:
+        per_teacher = {}
     writer.close(
-        totals=totals, **per_worker,
-        teacher={"name": model_dir.name, "path": str(model_dir), "backend": cfg.backend, "dtype": cfg.dtype,
-                 "tokenizer": tokenizer_fingerprint(tokenizer)},
-        sampling=dataclasses.asdict(spec), recipe={"name": recipe.name, "answer_kind": recipe.answer_kind,
-                                                   "num_prompts": cfg.num_prompts, "offset": cfg.offset},
+        totals=totals, **per_worker, **per_teacher, teacher=teacher,
+        sampling=dataclasses.asdict(spec), recipe=recipe,
         mode=cfg.mode, chat_template=cfg.chat_template, prompts=prompts, last_run=last_run)
     return Path(cfg.output_dir)

@@ -50,7 +50,7 @@ def per_token_divergence(
 ) -> torch.Tensor:
     """Divergence per position from normalised log-probs (..., V) -> (...).
 
-    The convention matches GKD (Agarwal et al., 2024) and TRL's GKDTrainer: jsd at beta=0 is exactly forward KL and at
+    The convention matches TRL's GKD: jsd at beta=0 is exactly forward KL and at
     beta=1 exactly reverse KL; in between m = beta p + (1 - beta) q.
     """
     s, t = student_logp, teacher_logp

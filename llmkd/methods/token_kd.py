@@ -36,7 +36,7 @@ class TokenKD(Method):
     def wants_hidden(self) -> bool:
         # CE and the sparse loss need the student's logits; the dense KD alone can stay chunked.
         return (self.chunked_head_ok and self.params.chunk_size > 0 and self.params.ce_weight == 0
-                and self.teacher is not None)
+                and (self.teacher is not None or getattr(self.source, "head", None) is not None))
 
     def loss(self, student: HeadOutput, targets: TeacherTargets, batch: dict[str, torch.Tensor],
              num_items: torch.Tensor | int | None) -> tuple[torch.Tensor, dict[str, float]]:

@@ -6,6 +6,7 @@ columns, vocab match) run before the expensive model loads.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -31,14 +32,19 @@ def is_generated_dir(path: str | Path) -> bool:
     return is_generation_dir(path)
 
 
-def build_datasets(cfg: DistillationConfig, method: Method, data: DataSpec | None = None) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: DistillationConfig, method: Method, data: DataSpec | None = None, *,
+                   teacher: str | None = None) -> tuple[Dataset, Dataset]:
     """Train/eval splits as the method's features (of `data`, one source of a mixture; default
-    cfg.data). Generated dirs are split by prompt."""
+    cfg.data). Generated dirs are split by prompt; of a dir of several teachers, `teacher`'s rows
+    only (num_train / num_eval prompts each)."""
     d = data or cfg.data
     if d.path and is_generated_dir(d.path):
+        from llmkd.data.mixture import TEACHER_COLUMN
         from llmkd.generation.writer import load_generated
 
         rows = load_generated(d.path)
+        if teacher is not None:
+            rows = rows.filter(lambda t: t == teacher, input_columns=TEACHER_COLUMN).remove_columns(TEACHER_COLUMN)
         train, evals = split_by_prompt(rows, d.num_train, d.num_eval, allow_fewer=d.allow_fewer,
                                        source=f"data.path={d.path!r}")
         response = "response"
@@ -133,7 +139,7 @@ def build_trainer(cfg: DistillationConfig):
     one method instance per teacher, each source's rows as its teacher's features, then the
     weights (teachers, the student last). `model.teacher` is the set of one teacher, named
     `teacher`; a set of one is the method itself (`TeacherMix.of`)."""
-    from llmkd.data.mixture import concat, sources, tag
+    from llmkd.data.mixture import concat, sources, split_sources, tag
     from llmkd.methods.mix import TeacherMix
     from llmkd.teachers import TeacherSet
     from llmkd.training.teachers import teacher_method, teacher_specs
@@ -155,20 +161,25 @@ def build_trainer(cfg: DistillationConfig):
                              f"model.teachers.{name}.method: {{name: cross_tokenizer}})") from None
     method = TeacherMix.of(methods, mix=cfg.method.teacher_mix, weights={n: s.weight for n, s in specs.items()})
     mixed = isinstance(method, TeacherMix)
-    parts = []
+    parts, heads = [], {}
     for teacher, source in sources(cfg.data):
-        name = teacher or next(iter(specs))
-        own = methods[name] if mixed and method.mix == "route" else method    # its teacher's features
-        if source.path and is_generated_dir(source.path) and own.uses_generated_token_ids:
-            check_generated_tokenizer(source.path, student_tok)
-        split = build_datasets(cfg, own, source)
-        parts.append(tuple(tag(ds, name) for ds in split) if mixed else split)
+        for name, only in split_sources(teacher, source):     # a dir of several teachers: each's rows
+            name = name or next(iter(specs))
+            own = methods[name] if mixed and method.mix == "route" else method    # its teacher's features
+            if source.path and is_generated_dir(source.path) and own.uses_generated_token_ids:
+                check_generated_tokenizer(source.path, student_tok)
+            if source.path and is_generated_dir(source.path) and specs[name].kind == "offline":
+                from llmkd.generation.hidden import offline_head
+
+                heads[name] = offline_head(source.path, methods[name], len(student_tok))   # targets=hidden dirs
+            split = build_datasets(cfg, own, source, teacher=only)
+            parts.append(tuple(tag(ds, name) for ds in split) if mixed else split)
     train, evals = (parts[0][i] if len(parts) == 1 else concat([p[i] for p in parts]) for i in (0, 1))
     if m.lora:
         check_lora_targets_early(cfg)
     monitor = build_monitor(cfg, student_tok)
     _start_zero3_comm()
-    teachers = {name: _load_teacher(name, spec) for name, spec in specs.items()}
+    teachers = {name: _load_teacher(name, spec, heads.get(name)) for name, spec in specs.items()}
     student = build_models(cfg, teachers)
     teacher = TeacherSet(teachers, mix=method.mix, weights=method.weights) if mixed else teachers[next(iter(specs))]
     return DistillationTrainer(model=student, args=cfg, teacher=teacher, method=method,
@@ -254,7 +265,7 @@ def check_lora_targets_early(cfg: DistillationConfig) -> None:
     check_lora_targets(cfg.model.lora, [name for name, _ in skeleton.named_modules()])
 
 
-def _load_teacher(name: str, spec: TeacherSpec) -> Teacher:
+def _load_teacher(name: str, spec: TeacherSpec, head: tuple[Any, str] | None = None) -> Teacher:
     """One teacher of the set, as its kind: a loaded model, a server client, or the rows' top-k."""
     if spec.kind == "served":
         from llmkd.teacher_server import ServedTeacher
@@ -265,7 +276,7 @@ def _load_teacher(name: str, spec: TeacherSpec) -> Teacher:
     if spec.kind == "offline":
         from llmkd.teachers.offline import Offline
 
-        return Offline(name=name)
+        return Offline(name=name, head=head)
     from llmkd.models.student import load_causal_lm
     from llmkd.teachers.live import Live
 

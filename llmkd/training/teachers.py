@@ -19,6 +19,9 @@ from llmkd.validation import check_keys, coerce
 
 MIXES = ("route", "mean")
 MANIFEST = "llmkd_teachers.json"
+# Keys of the batch's one sampling decision (where its responses come from, how they are sampled):
+# a step samples once for all its rows, so these come from the shared `method` section only.
+SHARED_METHOD_KEYS = ("lmbda", "seq_kd", "max_new_tokens", "gen_temperature", "top_p", "sampler", "vllm")
 
 
 @dataclass
@@ -63,16 +66,22 @@ def teacher_specs(model: Any) -> dict[str, TeacherSpec]:
 
 def teacher_method(method: Any, spec: TeacherSpec) -> tuple[str, dict[str, Any]]:
     """(method name, params) for one teacher: the method section, with the teacher's own `method`
-    keys on top; another method name starts from that method's defaults."""
+    keys on top; another method name starts from that method's defaults plus the shared sampling
+    keys it knows (SHARED_METHOD_KEYS), so every teacher's instance samples alike."""
+    from llmkd.methods import get_params
+
     own = dict(spec.method or {})
     name = own.pop("name", method.name)
-    return name, ({**method.params, **own} if name == method.name else own)
+    if name == method.name:
+        return name, {**method.params, **own}
+    fields = {f.name for f in dataclasses.fields(get_params(name))}
+    return name, {**{k: v for k, v in method.params.items() if k in SHARED_METHOD_KEYS and k in fields}, **own}
 
 
 def check_teachers(model: Any, data: Any, method: Any, params: Any) -> None:
     """Every teacher-set rule, one line each: kinds the method can use, names the mixture routes
     to, weights, `mean`'s shared tokenizer, the derived student's teacher."""
-    from llmkd.data.mixture import sources
+    from llmkd.data.mixture import generated_teachers, sources
     from llmkd.teachers import check_teacher_kind
 
     mix = method.teacher_mix
@@ -84,6 +93,11 @@ def check_teachers(model: Any, data: Any, method: Any, params: Any) -> None:
         if data.mixture and any(t not in (None, "teacher") for t, _ in sources(data)):
             raise ValueError("config: data.mixture names teachers but model.teachers is not set; name "
                              "them in model.teachers, or drop the sources' teacher keys")
+        several = next((src.path for _, src in sources(data) if generated_teachers(src.path)), None)
+        if several:
+            raise ValueError(f"config: data path {several!r} holds rows of teachers "
+                             f"{', '.join(generated_teachers(several))}; name them in model.teachers "
+                             "(e.g. {NAME: {teacher_mode: offline}}) to route each row to its teacher")
         return
     if model.teacher is not None or model.teacher_server:
         raise ValueError("config: model.teacher / model.teacher_server and model.teachers are both set; "
@@ -103,6 +117,18 @@ def check_teachers(model: Any, data: Any, method: Any, params: Any) -> None:
     used = set()
     for i, (teacher, src) in enumerate(sources(data)):
         where = f"data.mixture[{i}].teacher" if data.mixture else "data"
+        inside = generated_teachers(src.path)
+        if inside:          # a generated dir of several teachers: its rows name their teachers
+            if teacher is not None and teacher not in inside:
+                raise ValueError(f"config: {where}={teacher!r} has no rows in {src.path!r} (its teachers: "
+                                 f"{', '.join(inside)}); name one of them, or drop the key to take all")
+            for name in [teacher] if teacher is not None else inside:
+                if name not in specs:
+                    raise ValueError(f"config: {src.path!r} holds rows of teacher {name!r}, which is not in "
+                                     f"model.teachers ({', '.join(names)}); add it (e.g. {{teacher_mode: "
+                                     "offline}), or take other teachers' rows with data.mixture[].teacher")
+                used.add(name)
+            continue
         if teacher is None:
             if mix == "route" and len(names) > 1:
                 raise ValueError(f"config: {where} is missing: with several teachers and teacher_mix=route "
@@ -145,6 +171,13 @@ def _own_params(method: Any, spec: TeacherSpec, name: str) -> Any:
     if spec.method is not None and not isinstance(spec.method, dict):
         raise ValueError(f"config: model.teachers.{name}.method must be a mapping of method keys, e.g. "
                          f"{{name: cross_tokenizer, loss: alm}}; found {spec.method!r}")
+    shared = [k for k in (spec.method or {}) if k in SHARED_METHOD_KEYS]
+    if shared:
+        raise ValueError(f"config: model.teachers.{name}.method.{shared[0]} is not per teacher: a step samples "
+                         f"once for all its rows; set {shared[0]} in the shared method section")
+    if spec.method and method.teacher_mix == "mean":
+        raise ValueError(f"config: model.teachers.{name}.method with teacher_mix=mean: one loss scores the "
+                         "mixture; set method keys in the shared method section (or use teacher_mix=route)")
     own, raw = teacher_method(method, spec)
     try:
         return get_params(own).from_dict(raw)

@@ -1,0 +1,158 @@
+"""Compact top-k cache (`generate` config `cache: compact`): codec fidelity against the exact
+values, the same rows as a lossless run after decoding, old dirs unchanged, damaged blocks fail."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from llmkd.generation import codec
+from llmkd.generation.run import GenerationConfig, run_generation
+from llmkd.generation.writer import fingerprint, load_generated, read_manifest
+from llmkd.losses import sparse_divergence
+
+
+def _bins(lp: np.ndarray) -> np.ndarray:
+    """Top-k + tail log-masses as the sparse loss reads float32 values (tail floored at eps)."""
+    lp = lp.astype(np.float32).astype(np.float64)
+    tail = np.log(np.maximum(1 - np.exp(lp).sum(-1, keepdims=True), np.finfo(np.float32).eps))
+    b = np.concatenate([lp, tail], -1)
+    return b - np.logaddexp.reduce(b, -1, keepdims=True)
+
+
+@pytest.mark.parametrize("vocab,k", [(300, 20), (70_000, 50)])
+def test_codec_keeps_ids_and_stays_within_its_kl_budget(vocab, k):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, vocab, generator=gen, dtype=torch.float64) * torch.linspace(0.5, 6, 64)[:, None]
+    logp = logits.log_softmax(-1)
+    top, ids = logp.topk(k, -1)
+    top[3, -1] = -math.inf                           # a -inf log-prob must not break the block
+    block = codec.encode_row(ids.tolist(), top.tolist(), width=codec.id_bytes(vocab))
+    d_ids, d_lp, d_tail = codec.decode_row(*(block[c] for c in codec.COLUMNS))
+    d_ids, d_lp = torch.tensor(d_ids), torch.tensor(d_lp, dtype=torch.float64)
+    assert torch.equal(d_ids, ids.sort(-1).values)   # same ids, sorted by id
+    exact = top.gather(-1, ids.argsort(-1))          # exact values in the decoded order
+    e, d = _bins(exact.numpy()), _bins(d_lp.numpy())
+    with np.errstate(invalid="ignore"):
+        kl = np.where(np.isneginf(e), 0.0, np.exp(e) * (e - d)).sum(-1)
+    assert kl.mean() <= 1e-4 and kl.max() <= 1e-3, (kl.mean(), kl.max())
+    tail = (1 - exact.exp().sum(-1)).clamp(min=math.exp(codec.LOG_TAIL_MIN))
+    assert torch.allclose(torch.tensor(d_tail, dtype=torch.float64), tail, rtol=2e-3)
+    # the same sparse loss reads both; the compact targets cost a relative error of ~1e-4
+    student = torch.randn(64, vocab, generator=gen, dtype=torch.float64)
+    a = sparse_divergence(student, ids.sort(-1).values, exact.float(), "fkl")
+    b = sparse_divergence(student, d_ids, d_lp.float(), "fkl")
+    assert abs(float(a - b)) <= 1e-3 * float(a)
+    # before zstd: id width + 2 bytes per entry, 2 per position (vs 8 per entry, 4 per position)
+    width = codec.id_bytes(vocab)
+    assert sum(len(v) for v in block.values()) == 64 * k * (width + 2) + 64 * 2 + codec.HEADER.size
+
+
+@pytest.mark.parametrize("mass", [0.9999, 0.5, 3e-3, 1e-4, 1e-7])
+def test_codec_keeps_the_top_k_mass_whether_tail_or_top_k_is_small(mass):
+    """A flat teacher's top-k can hold a tiny share of the mass: the stored scalar must keep
+    that share's relative precision too (quantising log(tail) alone shifted every decoded
+    log-prob by 0.1 nats at mass 3e-3 and gave -inf at 1e-4)."""
+    gen = torch.Generator().manual_seed(1)
+    rel = torch.randn(8, 20, generator=gen, dtype=torch.float64).log_softmax(-1)
+    lp = rel + math.log(mass)                        # top-k holding `mass` of the probability
+    ids = torch.randperm(1000, generator=gen)[:20].repeat(8, 1)
+    block = codec.encode_row(ids.tolist(), lp.tolist(), width=2)
+    d_ids, d_lp, d_tail = codec.decode_row(*(block[c] for c in codec.COLUMNS))
+    exact = lp.gather(-1, ids.argsort(-1))
+    d_lp = torch.tensor(d_lp, dtype=torch.float64)
+    assert torch.isfinite(d_lp).all()
+    shape = lambda x: x - x.logsumexp(-1, keepdim=True)   # noqa: E731  (within the top-k)
+    assert (shape(exact).exp() * (shape(exact) - shape(d_lp))).sum(-1).max() < 1e-4   # the codec's budget
+    assert torch.allclose(d_lp.exp().sum(-1), torch.full((8,), mass, dtype=torch.float64), rtol=2e-3)
+    assert torch.allclose(torch.tensor(d_tail, dtype=torch.float64),
+                          torch.full((8,), max(1 - mass, math.exp(codec.LOG_TAIL_MIN)), dtype=torch.float64),
+                          rtol=2e-3)
+
+
+def test_codec_rejects_damaged_and_ragged_blocks():
+    block = codec.encode_row([[5, 2], [7, 1]], [[-0.1, -3.0], [-0.5, -1.0]], width=2)
+    ids_b, lv_b, meta = (block[c] for c in codec.COLUMNS)
+    for bad in ((ids_b[:-1] + bytes([ids_b[-1] ^ 1]), lv_b, meta), (ids_b, lv_b[:-1], meta),
+                (ids_b, lv_b, meta[:5]), (ids_b, lv_b, None)):
+        with pytest.raises(codec.DamagedBlockError, match="damaged|missing"):
+            codec.decode_row(*bad)
+    with pytest.raises(ValueError, match="same k"):
+        codec.encode_row([[1, 2], [3]], [[-1.0, -2.0], [-1.0]])
+
+
+@pytest.fixture(scope="module")
+def generated(tiny_pair, tmp_path_factory):
+    """The same greedy prompts written lossless and compact (HF backend, top-8)."""
+    root = tmp_path_factory.mktemp("gen")
+    out = {}
+    for cache in ("lossless", "compact"):
+        cfg = GenerationConfig(model=tiny_pair[0], backend="hf", recipe="arithmetic", num_prompts=12,
+                               max_new_tokens=10, topk=8, output_dir=str(root / cache), shard_size=6,
+                               cache=cache)
+        out[cache] = run_generation(cfg, progress=False)
+    return out
+
+
+def test_compact_dir_reads_back_as_the_lossless_columns(generated):
+    lossless, compact = (load_generated(generated[c]) for c in ("lossless", "compact"))
+    assert not set(codec.COLUMNS) & set(compact.column_names)
+    assert set(codec.DECODED) <= set(compact.column_names)
+    pq_cols = pq.read_schema(next(generated["compact"].glob("shard-*.parquet"))).names
+    assert "teacher_topk_logprobs" not in pq_cols and codec.COLUMNS[0] in pq_cols
+    for a, b in zip(lossless, compact):
+        assert a["response_token_ids"] == b["response_token_ids"]
+        for ia, la, ib, lb in zip(a["teacher_topk_ids"], a["teacher_topk_logprobs"],
+                                  b["teacher_topk_ids"], b["teacher_topk_logprobs"]):
+            exact = dict(zip(ia, la))
+            assert sorted(ia) == ib
+            # values near the top-1 keep ~sigma; the tail is exact, so the top-1 moves little
+            assert abs(max(lb) - max(la)) < 5e-3
+            assert all(abs(exact[i] - v) < 1.0 for i, v in zip(ib, lb))
+
+
+def test_lossless_fingerprint_is_unchanged_so_old_dirs_resume(generated, tiny_pair):
+    """Dirs written before the `cache` key existed hold fingerprints without it."""
+    m = read_manifest(generated["lossless"])
+    assert "cache" not in m["config"] and m["fingerprint"] == fingerprint(m["config"])
+    assert read_manifest(generated["compact"])["config"]["cache"] == "compact"
+    with pytest.raises(ValueError, match="cache=compact .* topk=0"):
+        GenerationConfig(topk=0, cache="compact")
+    with pytest.raises(ValueError, match="cache='tiny' is unknown"):
+        GenerationConfig(cache="tiny")
+
+
+def test_damaged_compact_shard_one_line_nothing_trained(generated, tiny_pair, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(generated["compact"], bad)
+    shard = sorted(bad.glob("shard-*.parquet"))[0]
+    pf = pq.ParquetFile(shard)
+    table, meta = pf.read(), pf.schema_arrow.metadata
+    col = table.column(codec.COLUMNS[1]).to_pylist()
+    col[2] = col[2][:-1] + bytes([col[2][-1] ^ 0x40])     # one flipped bit in one row's block
+    table = table.set_column(table.schema.get_field_index(codec.COLUMNS[1]), codec.COLUMNS[1],
+                             pa.array(col, pa.binary()))
+    pq.write_table(table.replace_schema_metadata(meta), shard, compression="zstd")
+    cfg = {"output_dir": str(tmp_path / "out"), "use_cpu": True, "max_steps": 1, "save_strategy": "no",
+           "report_to": "none",
+           "model": {"teacher": None, "student": tiny_pair[1], "teacher_mode": "offline"},
+           "data": {"path": str(bad), "num_train": 8, "num_eval": 4},
+           "method": {"name": "token_kd", "kind": "fkl"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "llmkd.cli", "distill", str(tmp_path / "cfg.yaml")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llmkd distill: error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "damaged" in errors[0] and "regenerate" in errors[0] and "row id=" in errors[0], errors[0]
+    assert not (tmp_path / "out").exists()
