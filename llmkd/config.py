@@ -426,7 +426,7 @@ def _check_data(d: DataSpec) -> None:
 
 def _check_output(top: dict[str, Any], resume: Any) -> None:
     from llmkd.checkpoint import checkpoint_problem, describe_skipped, find_checkpoint
-    from llmkd.outdir import check_overwrite, foreign_entries
+    from llmkd.outdir import OutputDirBusy, busy_message, check_overwrite, foreign_entries, holder_of
     from llmkd.preflight import check_output_dir
 
     out = Path(top["output_dir"]).expanduser()
@@ -437,6 +437,8 @@ def _check_output(top: dict[str, Any], resume: Any) -> None:
                          "other: resume continues the run in output_dir, overwrite starts it over; set one")
     if resume is True:
         found, skipped = find_checkpoint(out)
+        if found is None and (holder := holder_of(out)):    # its first checkpoint is not written yet
+            raise OutputDirBusy(busy_message(out, holder))
         if found is None:
             raise FileNotFoundError(
                 f"config: resume_from_checkpoint=true but output_dir={str(out)!r} has no complete "

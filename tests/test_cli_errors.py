@@ -401,6 +401,9 @@ CASES = {
                                     sets=["overwrite_output_dir=true"]),
     "output-dir-in-use": Case(("output_dir=", "in use by another llmkd run (pid 4242)"),
                               another_run_holds_the_lock, light=False),
+    # a resume while that run has not saved its first checkpoint: the run is named, not "no checkpoint"
+    "resume-dir-in-use": Case(("output_dir=", "in use by another llmkd run (pid 4242)"),
+                              another_run_holds_the_lock, sets=["resume_from_checkpoint=true"]),
     # non-finite numbers, seeds, LoRA, student layers, DeepSpeed: before any weights
     "lr-inf": Case(("learning_rate=inf is not a finite number",), edit(learning_rate=float("inf"))),
     "lr-nan-set": Case(("learning_rate=nan is not a finite number",), sets=["learning_rate=nan"]),
