@@ -93,3 +93,16 @@ def check_fused(value: str | bool, where: str = "") -> str:
         raise ValueError(f"{where}fused={value!r} is unknown; use one of {', '.join(FUSED_MODES)} "
                          "(auto: compiled where it is faster)")
     return mode
+
+
+def check_fused_applies(mode: str, chunk_size: int, ce_weight: float = 0.0, where: str = "") -> None:
+    """`fused: on` is a request for the compiled chunked loss: refuse settings that never run it
+    (full logits, a CE term) instead of ignoring the request silently."""
+    if mode == "on" and (chunk_size == 0 or ce_weight > 0):
+        raise ValueError(f"{where}fused=on compiles the chunked loss, which runs only with {where}chunk_size "
+                         f"> 0 and {where}ce_weight=0 (found chunk_size={chunk_size}, ce_weight={ce_weight}); "
+                         "use fused: auto or off")
+
+
+FUSED_ON_SPARSE = ("config: method.fused=on compiles the chunked loss of a live teacher; an offline or "
+                   "served teacher's sparse top-k loss is not fused; use fused: auto or off")

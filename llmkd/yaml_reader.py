@@ -56,7 +56,8 @@ def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=c` overrides (values parsed as YAML scalars) onto a raw config dict."""
+    """Apply `a.b=c` overrides (values parsed as YAML) onto a raw config dict; a number indexes a
+    list (`data.mixture.1.teacher=x`)."""
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.strip().split(".")
@@ -67,10 +68,20 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError as err:
             raise ValueError(f"--set {item!r}: the value is not valid YAML ({_yaml_error(err)}); "
                              "quote text, e.g. --set 'data.recipe=\"a: b\"'") from None
-        node = raw
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = parsed
+        node: Any = raw
+        for depth, part in enumerate(parts):
+            if isinstance(node, list):      # a list in the YAML (data.mixture): KEY.INDEX.KEY
+                where = ".".join(parts[:depth])
+                if not part.isdigit():
+                    raise ValueError(f"--set {item!r}: {where} is a list: index it, e.g. {where}.0.KEY")
+                if int(part) >= len(node):
+                    raise ValueError(f"--set {item!r}: {where} has {len(node)} entries "
+                                     f"(0 to {len(node) - 1})")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {parts[depth - 1]!r} is not a section")
+            if depth == len(parts) - 1:
+                node[part] = parsed
+            else:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
     return raw

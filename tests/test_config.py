@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import typing
 from pathlib import Path
@@ -160,3 +161,17 @@ def test_offline_teacher_cannot_score_new_samples(tiny_pair):
 
     with pytest.raises(ValueError, match="teacher_mode=live"):
         TokenKD(TokenKDParams(lmbda=0.5)).attach(None, load_causal_lm(tiny_pair[1]), chunked_head_ok=True)
+
+
+def test_set_indexes_into_lists():
+    """`--set data.mixture.1.teacher=x` edits one source of a mixture (a list in the YAML)."""
+    from llmkd.yaml_reader import apply_overrides
+
+    raw = {"data": {"mixture": [{"recipe": "a", "teacher": "m"}, {"recipe": "b", "teacher": "m"}]}}
+    apply_overrides(raw, ["data.mixture.1.teacher=logic", "data.mixture.0.num_train=4"])
+    assert raw["data"]["mixture"] == [{"recipe": "a", "teacher": "m", "num_train": 4},
+                                      {"recipe": "b", "teacher": "logic"}]
+    for bad, says in (("data.mixture.2.teacher=x", "data.mixture has 2 entries (0 to 1)"),
+                      ("data.mixture.first.teacher=x", "data.mixture is a list: index it")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            apply_overrides(raw, [bad])

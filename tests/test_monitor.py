@@ -217,3 +217,24 @@ def test_report_plots_proxy_vs_golden_and_names_the_step_where_hacking_began(tmp
     assert hacking["began_step"] == 120 and summary["training"][0]["monitor"]["best_step"] == 110
     assert "proxy_vs_golden.png" in summary["plots"] and (tmp_path / "report" / "proxy_vs_golden.png").exists()
     assert "| offline | eval_golden_oracle_kl | eval_proxy_kl | 110 | 120 |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_report_uses_the_runs_own_patience(tmp_path) -> None:
+    """A run with monitor.patience 2 that stopped on hacking after two bad evaluations: the report
+    names the same onset (the default patience, 3, would say 'not detected')."""
+    from llmkd.eval.report import write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    points = [(10, 1.0, 2.0), (20, 0.9, 1.5), (30, 0.8, 1.8), (40, 0.7, 2.1)]
+    history = [{"step": s, "eval_proxy_kl": p, "eval_golden_nll": g, "eval_golden_nll_se": 0.01}
+               for s, p, g in points]
+    (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (run / "training_args.json").write_text(json.dumps({"monitor": {"golden": "gold_nll", "patience": 2}}))
+    summary = write_report([run], tmp_path / "report")
+    assert summary["training"][0]["monitor"]["hacking"]["began_step"] == 30
+    assert "| run | eval_golden_nll | eval_proxy_kl | 20 | 30 |" in (tmp_path / "report" / "report.md").read_text()
+    (run / "training_args.json").unlink()     # no config beside the log: the default patience
+    summary = write_report([run], tmp_path / "report2")
+    assert summary["training"][0]["monitor"]["hacking"] is None
+    assert "not detected (patience 3)" in (tmp_path / "report2" / "report.md").read_text()

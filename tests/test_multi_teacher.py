@@ -325,3 +325,16 @@ def test_generate_several_teachers_into_one_dataset_then_train_offline_routed(ti
     trainer.train()
     logged = {k: v for h in trainer.state.log_history for k, v in h.items()}
     assert logged["rows_math"] == 4 and logged["rows_logic"] == 4 and "kd_math" in logged and "kd_logic" in logged
+
+
+def test_routed_eval_loss_is_the_per_item_mean_over_all_teachers(tiny_pair, second_teacher, tmp_path):
+    """In evaluation (no window item count) a batch mixing teachers gives the same loss as in
+    training: one per-item mean over all rows, not the sum of each teacher's own mean."""
+    trainer = build_trainer(multi_cfg(tiny_pair, second_teacher, tmp_path / "run"))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 8, 1, 9, 10)])
+    student = trainer.model
+    with torch.no_grad():
+        train_loss = trainer.compute_loss(student.train(), dict(batch),
+                                          num_items_in_batch=trainer.method.count_items(batch))
+        eval_loss = trainer.compute_loss(student.eval(), dict(batch))
+    assert float(eval_loss) == pytest.approx(float(train_loss), rel=1e-5)

@@ -199,3 +199,27 @@ def test_overwrite_accepts_an_earlier_runs_output_from_python_too(tiny_pair, two
     (out / MARKER).unlink()
     with pytest.raises(FileExistsError, match="holds files no llmkd run wrote"):
         config_from_dict(run_config(tiny_pair, out, overwrite_output_dir=True))
+
+
+def test_allowed_config_change_trains_with_the_new_learning_rate_and_weight_decay(tiny_pair, two_checkpoints,
+                                                                                 tmp_path):
+    """The checkpoint's optimizer and scheduler state carry the old learning rate and weight decay;
+    with allow_config_change the resumed steps use the new ones, on the schedule at its step."""
+    from transformers import TrainerCallback
+
+    class Seen(TrainerCallback):
+        groups: list[tuple[int, float, float]] = []
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            g = optimizer.param_groups[0]
+            self.groups.append((state.global_step, g["lr"], g["weight_decay"]))
+
+    out = _copy(two_checkpoints, tmp_path / "run")
+    shutil.rmtree(out / "checkpoint-4")
+    trainer = build_trainer(config_from_dict(run_config(
+        tiny_pair, out, resume_from_checkpoint=True, allow_config_change=True, learning_rate=5e-3,
+        weight_decay=0.1)))
+    trainer.add_callback(Seen())
+    trainer.train()
+    # linear decay over 4 steps from the new 5e-3: 2.5e-3 before step 3, 1.25e-3 before step 4
+    assert [(s, round(lr, 9), wd) for s, lr, wd in Seen.groups] == [(2, 2.5e-3, 0.1), (3, 1.25e-3, 0.1)]

@@ -71,7 +71,8 @@ def _train_logs(root: Path, prefix: str) -> list[dict[str, Any]]:
                         and not isinstance(value, bool) and math.isfinite(value)):
                     curves.setdefault(key, []).append((step, float(value)))
         golden, proxy, evals = evaluations(history)
-        hacking = detect_hacking(evals, PATIENCE) if evals else None
+        patience = _patience(path.parent)
+        hacking = detect_hacking(evals, patience) if evals else None
         rel = path.parent.relative_to(root)
         base = root.resolve().name
         label = base if str(rel) in (".", "train") else f"{prefix}{rel}"
@@ -81,8 +82,20 @@ def _train_logs(root: Path, prefix: str) -> list[dict[str, Any]]:
                      "monitor": None if golden is None else {
                          "golden": golden, "proxy": proxy,
                          "best_step": min(evals, key=lambda e: e.golden).step if evals else None,
+                         "patience": patience,
                          "hacking": None if hacking is None else dataclasses.asdict(hacking)}})
     return logs
+
+
+def _patience(run: Path) -> int:
+    """The run's own monitor.patience (its training_args.json), so the report flags hacking where
+    the run did; the default when the log stands alone."""
+    try:
+        monitor = json.loads((run / "training_args.json").read_text()).get("monitor") or {}
+        value = monitor.get("patience")
+    except (OSError, ValueError, AttributeError):
+        return PATIENCE
+    return value if isinstance(value, int) and value >= 1 else PATIENCE
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -126,7 +139,7 @@ def _markdown(evals: list[dict], logs: list[dict], plots: list[str]) -> str:
                   "| Run | Golden | Proxy | Best golden at step | Hacking began at step |", "|---|---|---|---|---|"]
         for log in monitored:
             m = log["monitor"]
-            began = m["hacking"]["began_step"] if m["hacking"] else f"not detected (patience {PATIENCE})"
+            began = m["hacking"]["began_step"] if m["hacking"] else f"not detected (patience {m['patience']})"
             lines.append(f"| {log['label']} | {m['golden']} | {m['proxy']} | {_fmt(m['best_step'])} | {began} |")
         lines.append("")
     lines += [f"![{Path(p).stem}]({p})" for p in plots]

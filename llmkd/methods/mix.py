@@ -165,6 +165,10 @@ class TeacherMix(Method):
         total, metrics, counts, sums = None, {}, {}, {}
         width = batch["input_ids"].shape[0]
         blocks = {name: sub for name, _, sub in self.parts(batch)}
+        if num_items is None and self.uses_num_items:
+            # evaluation: one per-item mean over every teacher's rows, as in training (the parts'
+            # own means, summed, would count a batch of k teachers k times)
+            num_items = max(self.count_items(batch), 1)
         for name, rows, part in targets.parts:
             method, sub = self.methods[name], blocks[name]
             loss, own = method.loss(take_head(student, rows, sub["input_ids"].shape[1]), part, sub, num_items)

@@ -11,7 +11,7 @@ from typing import Any
 
 from llmkd.methods.base import MethodParams
 from llmkd.generation.sampling import check_sampler
-from llmkd.validation import check_divergence, check_fused
+from llmkd.validation import FUSED_ON_SPARSE, check_divergence, check_fused, check_fused_applies
 
 LABEL, RATIONALE = 0, 1     # rationale method: the two tasks of Distilling Step-by-Step
 
@@ -45,6 +45,7 @@ class TokenKDParams(MethodParams):
         if self.chunk_size < 0:
             raise ValueError(f"method.chunk_size={self.chunk_size} must be >= 0 (0 = full logits)")
         self.fused = check_fused(self.fused, where="method.")
+        check_fused_applies(self.fused, self.chunk_size, self.ce_weight, where="method.")
         check_sampler(self.sampler, self.vllm)
         if not (self.gen_temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError(f"method.gen_temperature={self.gen_temperature} must be > 0 and "
@@ -59,6 +60,8 @@ class TokenKDParams(MethodParams):
         if self.lmbda > 0 or self.seq_kd:
             out["offline"] = ("config: method.lmbda > 0 / method.seq_kd need model.teacher_mode=live: "
                               "offline top-k columns only cover the generated responses, not new samples")
+        if self.fused == "on":
+            out = {"offline": FUSED_ON_SPARSE, "served": FUSED_ON_SPARSE} | out
         return out
 
 

@@ -18,7 +18,7 @@ from llmkd.losses.taid import check_schedule
 from llmkd.methods.base import HeadOutput, Method, MethodParams, TeacherTargets, as_mean
 from llmkd.methods.common import head_logits, shifted_mask
 from llmkd.models.head import chunked_divergence_heads
-from llmkd.validation import check_fused
+from llmkd.validation import check_fused, check_fused_applies
 
 NEEDS_LIVE = ("config: method taid needs model.teacher_mode=live: p_t mixes student and teacher "
               "logits over the whole vocabulary, which top-k log-probs (offline or served) cannot "
@@ -40,6 +40,7 @@ class TAIDParams(MethodParams):
         if self.total_steps < 0 or self.chunk_size < 0:   # before the schedule check's message
             raise ValueError(f"method.total_steps={self.total_steps} and method.chunk_size="
                              f"{self.chunk_size} must be >= 0 (0 = automatic / full logits)")
+        check_fused_applies(self.fused, self.chunk_size, where="method.")
         check_schedule(self.t_start, self.t_end, self.alpha, self.beta, self.total_steps or 1,
                        prefix="method.")
 

@@ -324,3 +324,27 @@ def check_resume_config(cfg: Any) -> None:
                          "restore those values, or set allow_config_change=true to continue with the new ones")
     if cfg.should_save:
         print(f"llmkd: resuming from {ckpt} with a changed training config: {listed}", file=sys.stderr)
+
+
+def optimizer_settings(optimizer: Any) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters (no params), as the config set them before a resume."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def reapply_settings(optimizer: Any, scheduler: Any, fresh: list[dict[str, Any]]) -> None:
+    """After a checkpoint's optimizer and scheduler state are loaded: the config's own weight
+    decay, betas, eps... and base learning rate (the state holds the old run's; a resume with
+    allow_config_change must train with the new ones), and each group's learning rate set from the
+    schedule at the resumed step (a changed max_steps changes the schedule too)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if len(fresh) != len(optimizer.param_groups):
+        return
+    for group, new in zip(optimizer.param_groups, fresh):
+        group.update({k: v for k, v in new.items() if k not in ("lr", "initial_lr")})
+        group["initial_lr"] = new.get("initial_lr", new["lr"])
+    if isinstance(scheduler, LambdaLR):
+        scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

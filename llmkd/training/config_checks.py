@@ -110,7 +110,7 @@ def check_launcher(top: dict[str, Any]) -> None:
 
 def check_output(top: dict[str, Any], resume: Any) -> None:
     from llmkd.training.checkpoint import checkpoint_problem, describe_skipped, find_checkpoint
-    from llmkd.training.outdir import check_overwrite, foreign_entries
+    from llmkd.training.outdir import OutputDirBusy, busy_message, check_overwrite, foreign_entries, holder_of
     from llmkd.preflight import check_output_dir
 
     out = Path(top["output_dir"]).expanduser()
@@ -121,6 +121,8 @@ def check_output(top: dict[str, Any], resume: Any) -> None:
                          "other: resume continues the run in output_dir, overwrite starts it over; set one")
     if resume is True:
         found, skipped = find_checkpoint(out)
+        if found is None and (holder := holder_of(out)):    # its first checkpoint is not written yet
+            raise OutputDirBusy(busy_message(out, holder))
         if found is None:
             raise FileNotFoundError(
                 f"config: resume_from_checkpoint=true but output_dir={str(out)!r} has no complete "

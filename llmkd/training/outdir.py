@@ -70,6 +70,27 @@ def check_overwrite(output_dir: str | Path) -> None:
             "choose another output_dir, or empty this one yourself")
 
 
+def holder_of(output_dir: str | Path) -> str | None:
+    """The pid text of another live run holding output_dir's lock, or None (a peek: takes and
+    drops the lock at once), so an error about the directory's contents can name the real cause."""
+    lock = Path(output_dir).expanduser() / LOCK
+    if not lock.is_file():
+        return None
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 64).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+    return None
+
+
+def busy_message(output_dir: str | Path, holder: str) -> str:
+    return (f"output_dir={str(output_dir)!r} is in use by another llmkd run (pid {holder}); wait for "
+            "it to end, or choose another output_dir")
+
+
 @contextmanager
 def claim_output_dir(output_dir: str | Path, *, main: bool = True) -> Iterator[None]:
     """Create output_dir, lock it for this process (the main rank only: the other ranks of the
@@ -85,8 +106,7 @@ def claim_output_dir(output_dir: str | Path, *, main: bool = True) -> Iterator[N
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            raise OutputDirBusy(f"output_dir={str(output_dir)!r} is in use by another llmkd run "
-                                f"(pid {holder}); wait for it to end, or choose another output_dir") from None
+            raise OutputDirBusy(busy_message(output_dir, holder)) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         mark_output_dir(p)

@@ -279,6 +279,15 @@ class DistillationTrainer(Trainer):
             (out / "training_args.bin").unlink()
             (out / "training_args.json").write_text(self.args.to_json_string())
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The checkpoint's optimizer/scheduler state, under this config's hyperparameters."""
+        from llmkd.training.checkpoint import optimizer_settings, reapply_settings
+
+        fresh = optimizer_settings(self.optimizer) if checkpoint and self.optimizer is not None else None
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if fresh is not None and not self.is_deepspeed_enabled:
+            reapply_settings(self.optimizer, self.lr_scheduler, fresh)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """`resume_from_checkpoint=True` takes the newest *complete* checkpoint; SIGINT/SIGTERM
         finish the step, save it and raise `llmkd.training.interrupt.TrainingInterrupted`."""
