@@ -1,9 +1,14 @@
-"""Small pieces several test files share: a tiny-run config and a callback that stops a run."""
+"""Small pieces several test files share: a tiny-run config, a callback that stops a run, and an
+offline `llmkd distill` expected to fail with one line."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from transformers import TrainerCallback
 
 from llmkd.training.config import config_from_dict
@@ -29,3 +34,20 @@ class StopAt(TrainerCallback):
         if state.global_step >= self.step:
             control.should_training_stop = True
         return control
+
+
+def offline_distill_error(tmp_path: Path, student: str, data: Path, **data_keys: Any) -> str:
+    """`llmkd distill` (a real subprocess) of `student` on the generated dir `data`: asserts it
+    fails with exactly one error line, exit 2, no traceback and no output dir; returns that line."""
+    cfg = {"output_dir": str(tmp_path / "out"), "use_cpu": True, "max_steps": 1, "save_strategy": "no",
+           "report_to": "none", "model": {"teacher": None, "student": student, "teacher_mode": "offline"},
+           "data": {"path": str(data), "num_train": 4, "num_eval": 2, **data_keys},
+           "method": {"name": "token_kd", "kind": "fkl"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "llmkd.cli", "distill", str(tmp_path / "cfg.yaml")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("llmkd distill: error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+    return errors[0]

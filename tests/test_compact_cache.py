@@ -3,21 +3,18 @@ values, the same rows as a lossless run after decoding, old dirs unchanged, dama
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
 from llmkd.generation import codec
 from llmkd.generation.run import GenerationConfig, run_generation
 from llmkd.generation.writer import fingerprint, load_generated, read_manifest
 from llmkd.losses import sparse_divergence
+from helpers import offline_distill_error
 
 
 def _bins(lp: np.ndarray) -> np.ndarray:
@@ -143,16 +140,5 @@ def test_damaged_compact_shard_one_line_nothing_trained(generated, tiny_pair, tm
     table = table.set_column(table.schema.get_field_index(codec.COLUMNS[1]), codec.COLUMNS[1],
                              pa.array(col, pa.binary()))
     pq.write_table(table.replace_schema_metadata(meta), shard, compression="zstd")
-    cfg = {"output_dir": str(tmp_path / "out"), "use_cpu": True, "max_steps": 1, "save_strategy": "no",
-           "report_to": "none",
-           "model": {"teacher": None, "student": tiny_pair[1], "teacher_mode": "offline"},
-           "data": {"path": str(bad), "num_train": 8, "num_eval": 4},
-           "method": {"name": "token_kd", "kind": "fkl"}}
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "llmkd.cli", "distill", str(tmp_path / "cfg.yaml")],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("llmkd distill: error: ")]
-    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "damaged" in errors[0] and "regenerate" in errors[0] and "row id=" in errors[0], errors[0]
-    assert not (tmp_path / "out").exists()
+    error = offline_distill_error(tmp_path, tiny_pair[1], bad, num_train=8, num_eval=4)
+    assert "damaged" in error and "regenerate" in error and "row id=" in error, error

@@ -4,15 +4,11 @@ on two families (tied Llama; Phi, whose lm_head has a bias); a dir without its h
 another vocabulary fails in one line before any weights load."""
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
-import yaml
 from safetensors.torch import load_file, save_file
 
 from llmkd.generation.hidden import COLUMN, HEAD_FILE, check_head, load_head
@@ -23,6 +19,7 @@ from llmkd.models.head import forward_head, run_head
 from llmkd.teachers.offline import Offline
 from llmkd.training.pipeline import load_tokenizer
 from llmkd.training.trainer import build_method
+from helpers import offline_distill_error
 
 
 def _phi_pair(root, tokenizer_dir):
@@ -127,16 +124,5 @@ def test_hidden_dir_without_head_one_line_nothing_trained(families, tmp_path):
     bad = tmp_path / "nohead"
     shutil.copytree(data, bad)
     (bad / HEAD_FILE).unlink()
-    cfg = {"output_dir": str(tmp_path / "out"), "use_cpu": True, "max_steps": 1, "save_strategy": "no",
-           "report_to": "none",
-           "model": {"teacher": None, "student": student, "teacher_mode": "offline"},
-           "data": {"path": str(bad), "num_train": 4, "num_eval": 2},
-           "method": {"name": "token_kd", "kind": "fkl"}}
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "llmkd.cli", "distill", str(tmp_path / "cfg.yaml")],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("llmkd distill: error: ")]
-    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert HEAD_FILE in errors[0] and "targets=hidden" in errors[0], errors[0]
-    assert not (tmp_path / "out").exists()
+    error = offline_distill_error(tmp_path, student, bad)
+    assert HEAD_FILE in error and "targets=hidden" in error, error

@@ -31,21 +31,29 @@ def sources(data: Any) -> list[tuple[str | None, Any]]:
     if data.recipe is not None or data.path is not None:
         raise ValueError("config: data.mixture and data.recipe / data.path are both set; give each "
                          "source its recipe or path inside data.mixture, and drop data.recipe / data.path")
-    if not isinstance(data.mixture, list):
-        raise ValueError(f"config: data.mixture must be a list of sources, found {data.mixture!r}; e.g. "
-                         "[{recipe: arithmetic, num_train: 128, teacher: math}]")
     out = []
-    for i, entry in enumerate(data.mixture):
-        where = f"data.mixture[{i}]."
-        if not isinstance(entry, dict):
-            raise ValueError(f"config: {where[:-1]} must be a mapping, found {entry!r}")
-        check_keys(where, entry, list(SOURCE_KEYS))
-        entry = dict(entry)
-        teacher = entry.pop("teacher", None)
+    for where, teacher, entry in mixture_entries("data.mixture", data.mixture, SOURCE_KEYS):
         if teacher is not None and not isinstance(teacher, str):
             raise ValueError(f"config: {where}teacher={teacher!r} must be a teacher's name (model.teachers)")
         out.append((teacher, dataclasses.replace(data, **{"mixture": None, "recipe": None, "path": None,
                                                            **coerce(where, entry, type(data))})))
+    return out
+
+
+def mixture_entries(field: str, mixture: Any, keys: tuple[str, ...]) -> list[tuple[str, Any, dict[str, Any]]]:
+    """[(where, teacher, the entry's other keys)] of a mixture list (`data.mixture`, and the
+    generate config's `mixture`): a list of mappings with known keys, one-line errors otherwise."""
+    if not isinstance(mixture, list):
+        raise ValueError(f"config: {field} must be a list of sources, found {mixture!r}; e.g. "
+                         "[{recipe: arithmetic, teacher: math}]")
+    out = []
+    for i, entry in enumerate(mixture):
+        where = f"{field}[{i}]."
+        if not isinstance(entry, dict):
+            raise ValueError(f"config: {where[:-1]} must be a mapping, found {entry!r}")
+        check_keys(where, entry, list(keys))
+        entry = dict(entry)
+        out.append((where, entry.pop("teacher", None), entry))
     return out
 
 

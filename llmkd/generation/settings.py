@@ -97,19 +97,11 @@ class GenerationConfig:
         keys (SOURCE_KEYS) over the shared ones; without a mixture the config is the one source."""
         if not self.mixture:
             return [(None, self)]
-        from llmkd.validation import check_keys, coerce
+        from llmkd.data.mixture import mixture_entries
+        from llmkd.validation import coerce
 
-        if not isinstance(self.mixture, list):
-            raise ValueError(f"config: mixture must be a list of sources, found {self.mixture!r}; e.g. "
-                             "[{teacher: math, model: DIR, recipe: arithmetic, num_prompts: 64}]")
         out, seen = [], set()
-        for i, entry in enumerate(self.mixture):
-            where = f"mixture[{i}]."
-            if not isinstance(entry, dict):
-                raise ValueError(f"config: {where[:-1]} must be a mapping, found {entry!r}")
-            check_keys(where, entry, list(SOURCE_KEYS))
-            entry = dict(entry)
-            name = entry.pop("teacher", None)
+        for where, name, entry in mixture_entries("mixture", self.mixture, SOURCE_KEYS):
             if not isinstance(name, str) or not name or "/" in name:
                 raise ValueError(f"config: {where}teacher={name!r}: each source names its teacher (the "
                                  "name model.teachers uses in training, no '/')")
