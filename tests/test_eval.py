@@ -189,3 +189,95 @@ def test_cli_two_models_with_one_dir_name_are_both_evaluated(cli, tiny_pair, tmp
     rc, out = cli("eval", "--model", tmp_path / "a" / "model", "--model", f"{tmp_path}/a/./model",
                   "--recipes", "arithmetic", "--out", tmp_path / "ev2")
     assert rc == 2 and "is given twice" in out, out
+
+
+# -- closeness to a teacher per recipe (--teacher / teachers:) ---------------------------------
+def _hand_closeness(model_dir: str, teacher_dir: str, recipe: str, n: int, max_new: int) -> dict:
+    """Greedy decoding and KL(teacher || model), top-1 agreement, α = Σ min(p, q) written out
+    naively in float64, token-weighted over the teacher's responses."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmkd.data.collate import chat_prompt_ids
+    from llmkd.data.recipes import load_recipe
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    load = dict(dtype=torch.float64)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, **load).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **load).eval()
+    kl = agree = alpha = tokens = 0.0
+    for prompt in load_recipe(recipe).load(n)["prompt"]:
+        ids = chat_prompt_ids(tok, prompt)
+        start = len(ids)
+        with torch.no_grad():
+            for _ in range(max_new):
+                nxt = int(teacher(torch.tensor([ids])).logits[0, -1].argmax())
+                ids.append(nxt)
+                if nxt == tok.eos_token_id:
+                    break
+            p = torch.softmax(teacher(torch.tensor([ids])).logits[0, start - 1:-1], -1)
+            q = torch.softmax(model(torch.tensor([ids])).logits[0, start - 1:-1], -1)
+        for pt, qt in zip(p, q):
+            kl += float(sum(pt[v] * (torch.log(pt[v]) - torch.log(qt[v])) for v in range(len(pt))))
+            agree += float(pt.argmax() == qt.argmax())
+            alpha += float(sum(min(pt[v], qt[v]) for v in range(len(pt))))
+            tokens += 1
+    return {"kl_to_teacher": kl / tokens, "top1_agreement": agree / tokens,
+            "acceptance_rate": alpha / tokens, "closeness_tokens": tokens}
+
+
+def test_cli_teacher_closeness_equals_hand_computation(cli, tiny_pair, tmp_path: Path) -> None:
+    teacher, student = tiny_pair
+    rc, out = cli("eval", "--model", student, "--model", teacher, "--recipes", "arithmetic",
+                  "--backend", "hf", "--num-examples", 2, "--max-new-tokens", 4,
+                  "--teacher", teacher, "--out", tmp_path / "ev")
+    assert rc == 0, out
+    labels = [Path(student).name, Path(teacher).name]
+    got = {lab: json.loads((tmp_path / "ev" / lab / "arithmetic" / "metrics.json").read_text())
+           for lab in labels}
+    want = _hand_closeness(student, teacher, "arithmetic", 2, 4)
+    m = got[labels[0]]
+    assert m["accuracy"] is not None and m["teacher"] == teacher       # beside accuracy
+    assert m["closeness_on"] == "teacher greedy responses"
+    assert m["closeness_tokens"] == want["closeness_tokens"]
+    for key in ("kl_to_teacher", "top1_agreement", "acceptance_rate"):
+        assert m[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert m["kl_to_teacher"] > 0.01
+    same = got[labels[1]]                                              # the teacher itself
+    assert same["kl_to_teacher"] == pytest.approx(0, abs=1e-6) and same["top1_agreement"] == 1.0
+    assert "to teacher" in out and "top-1 agreement" in out
+
+
+def test_cli_two_recipes_two_teachers_per_source(cli, tiny_pair, tmp_path: Path) -> None:
+    """arithmetic -> the tiny teacher, syllogism -> the student itself (KL 0 there, not on arithmetic)."""
+    teacher, student = tiny_pair
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"models: {{s: {student}}}\nrecipes: [arithmetic, syllogism]\nbackend: hf\n"
+                   f"num_examples: 2\nmax_new_tokens: 3\nout: {tmp_path / 'ev'}\n"
+                   f"teachers: {{arithmetic: {teacher}, syllogism: {student}}}\n")
+    rc, out = cli("eval", cfg)
+    assert rc == 0, out
+    arith, syl = (json.loads((tmp_path / "ev" / "s" / r / "metrics.json").read_text())
+                  for r in ("arithmetic", "syllogism"))
+    assert (arith["teacher"], syl["teacher"]) == (teacher, student)
+    assert arith["kl_to_teacher"] > 0.01 and syl["kl_to_teacher"] == pytest.approx(0, abs=1e-6)
+    assert arith["closeness_tokens"] > 0 and syl["closeness_tokens"] > 0
+    rc, out = cli("report", tmp_path / "ev")
+    assert rc == 0, out
+    md = (tmp_path / "ev" / "report" / "report.md").read_text()
+    assert "| Teacher | KL to teacher | top-1 agreement | α (acceptance) |" in md
+    assert f"| s | arithmetic |" in md and f"| {teacher} |" in md and f"| {student} |" in md
+    assert "teacher greedy responses" in md
+
+
+def test_cli_teacher_flag_bad_inputs(cli, no_generation, tiny_pair, tmp_path: Path) -> None:
+    teacher, student = tiny_pair
+    base = ("eval", "--model", student, "--recipes", "arithmetic", "--out", tmp_path / "ev")
+    rc, out = cli(*base, "--teacher", f"gsm8k={teacher}")
+    assert rc == 2 and "'gsm8k' is not among the recipes" in out, out
+    rc, out = cli(*base, "--teacher", teacher, "--teacher", student)
+    assert rc == 2 and "both name a teacher for every recipe" in out, out
+    rc, out = cli(*base, "--teacher", tmp_path / "nope")
+    assert rc == 2 and "teachers.arithmetic" in out and "does not exist" in out, out
+    rc, out = cli(*base, "--teacher", f"arithmetic={teacher}", "--speculative", teacher, "--backend", "hf")
+    assert rc == 2 and "separate eval" in out, out

@@ -16,6 +16,8 @@ Eval YAML (every key optional except models/model and recipes)::
     overwrite: false
     speculative: runs/taid/student        # draft: measure speculative decoding of each model with it
     gamma: 4                              # draft tokens per target call (with speculative)
+    teachers: {arithmetic: runs/math-teacher}   # or one DIR for every recipe: closeness of each
+                                          # model to its recipe's teacher (KL, top-1, alpha)
 """
 from __future__ import annotations
 
@@ -44,6 +46,23 @@ class EvalSpec:
     overwrite: bool = False
     speculative: str | None = None   # draft model dir: measured speculative decoding (targets = models)
     gamma: int = 4                   # draft tokens per target call, with `speculative`
+    teachers: Any = None             # {recipe: teacher dir} or one dir for every recipe: closeness
+
+    def teacher_dirs(self, recipes: list[Any]) -> dict[str, str]:
+        """{recipe name: teacher dir}; a key may be a recipe's name or the name as given."""
+        given = self.teachers
+        if given is None:
+            return {}
+        if isinstance(given, str):
+            return {rec.name: given for rec in recipes}
+        if not isinstance(given, dict):
+            raise ValueError(f"eval: teachers={given!r}; give a mapping recipe: teacher dir or one dir")
+        names = dict(zip(self.recipe_names(), recipes)) | {rec.name: rec for rec in recipes}
+        unknown = [k for k in given if str(k) not in names]
+        if unknown:
+            raise ValueError(f"eval: teachers names recipe {str(unknown[0])!r}, which is not among the "
+                             f"recipes {self.recipe_names()}; add it to recipes or drop its teacher")
+        return {names[str(k)].name: str(v) for k, v in given.items()}
 
     def model_dirs(self) -> dict[str, str]:
         """{label: dir}; a label defaults to the directory name, or as many trailing path parts
@@ -102,6 +121,8 @@ def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
     for key, value in flags.items():
         if value is not None:
             setattr(spec, key, value)
+    if args.teacher:
+        spec.teachers = _teacher_flags(args.teacher, spec)
     if args.no_chat_template:
         spec.use_chat_template = False
     if args.overwrite:
@@ -112,7 +133,33 @@ def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
     if args.backend == "vllm" and spec.speculative:
         raise ValueError("eval: --speculative runs transformers assisted generation (counted target "
                          "calls); drop --backend vllm")
+    if spec.speculative and spec.teachers:
+        raise ValueError("eval: --speculative already measures closeness to the target; run --teacher "
+                         "in a separate eval")
     return spec
+
+
+def _teacher_flags(values: list[str], spec: EvalSpec) -> dict[str, str]:
+    """--teacher RECIPE=DIR (repeatable) and at most one --teacher DIR (every other recipe)."""
+    mapped: dict[str, str] = {}
+    default = None
+    for value in values:
+        recipe, sep, path = value.partition("=")
+        if sep and recipe in spec.recipe_names() and not Path(value).is_dir():
+            mapped[recipe] = path
+        elif sep and not Path(value).is_dir():
+            raise ValueError(f"eval: --teacher {value}: {recipe!r} is not among the recipes "
+                             f"{spec.recipe_names()}; use --teacher RECIPE=DIR or --teacher DIR")
+        elif default is not None:
+            raise ValueError(f"eval: --teacher {default} and --teacher {value} both name a teacher for "
+                             "every recipe; use --teacher RECIPE=DIR for each")
+        else:
+            default = value
+    base = spec.teachers if isinstance(spec.teachers, dict) else (
+        {} if spec.teachers is None else dict.fromkeys(spec.recipe_names(), spec.teachers))
+    if default is not None:
+        base = dict.fromkeys(spec.recipe_names(), default)
+    return base | mapped
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -138,6 +185,17 @@ def run_eval(args: argparse.Namespace) -> int:
 
         check_gamma(spec.gamma)
         models = {f"{label}+{Path(spec.speculative).name}": path for label, path in models.items()}
+    teachers = spec.teacher_dirs(recipes)
+    for name, teacher in teachers.items():
+        if teacher != "embedded":
+            check_model_dir(teacher, f"teachers.{name}")
+    if teachers:   # tokenizers only: a mismatch fails before any weights load
+        from llmkd.eval.closeness import check_shared_tokenizer
+
+        for name, teacher in teachers.items():
+            for label, path in models.items():
+                check_shared_tokenizer(resolve_model_name(path), resolve_model_name(teacher),
+                                       label=label, recipe=name)
     out = Path(spec.out)
     check_output_dir(out, "out")
     for label in models:
@@ -171,8 +229,32 @@ def run_eval(args: argparse.Namespace) -> int:
                 prompt_prefix=spec.prompt_prefix)
             print(f"{label:>20s}  {rec.name:<24s} accuracy {100 * m['accuracy']:5.1f} % "
                   f"[{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]  n={m['n']}")
+    for rec in recipes:
+        if rec.name in teachers:
+            _closeness(spec, models, teachers[rec.name], rec, out)
     print(f"results in {out}/; compare with: llmkd report {out}")
     return 0
+
+
+def _closeness(spec: EvalSpec, models: dict[str, str], teacher: str, rec: Any, out: Path) -> None:
+    """Each model's closeness to the recipe's teacher, added to its metrics.json beside accuracy."""
+    import json
+
+    from llmkd.eval.closeness import recipe_closeness
+    from llmkd.fsutil import atomic_write_text
+    from llmkd.models.embedded import resolve_model_name
+
+    close = recipe_closeness(
+        {label: resolve_model_name(path) for label, path in models.items()},
+        resolve_model_name(teacher), rec, num_examples=spec.num_examples, offset=spec.offset,
+        seed=spec.seed, max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size,
+        use_chat_template=spec.use_chat_template, prompt_prefix=spec.prompt_prefix)
+    for label, c in close.items():
+        path = out / label / rec.name / "metrics.json"
+        atomic_write_text(path, json.dumps(json.loads(path.read_text()) | c, indent=2) + "\n")
+        print(f"{label:>20s}  {rec.name:<24s} to teacher {teacher}: KL {c['kl_to_teacher']:.4f} "
+              f"nats/token, top-1 agreement {c['top1_agreement']:.3f}, alpha {c['acceptance_rate']:.3f} "
+              f"({c['closeness_tokens']} tokens of the teacher's greedy responses)")
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -212,6 +294,10 @@ def register(subparsers: Any) -> None:
                         "generation, greedy) of each --model with it: tokens per target call, "
                         "speed-up, analytic alpha/tau")
     p.add_argument("--gamma", type=int, help="draft tokens per target call (default 4)")
+    p.add_argument("--teacher", action="append", metavar="[RECIPE=]DIR",
+                   help="closeness of each model to this teacher (KL(teacher||model) per token, "
+                        "top-1 agreement, alpha) on the recipe's prompts with the teacher's greedy "
+                        "responses; RECIPE=DIR for one recipe (repeat), DIR for every recipe")
     p.set_defaults(func=run_eval)
 
     r = subparsers.add_parser(

@@ -12,10 +12,21 @@ from typing import Any
 from llmkd.data.answers import KINDS, extract_answer, is_correct, wilson_interval
 from llmkd.fsutil import atomic_write_text
 
-__all__ = ["KINDS", "evaluate_reasoning", "extract_answer", "is_correct", "wilson_interval"]
+__all__ = ["KINDS", "evaluate_reasoning", "extract_answer", "is_correct", "prompt_ids", "wilson_interval"]
 
 
 # -- evaluation -------------------------------------------------------------------------------
+def prompt_ids(tokenizer: Any, prompts: list[str], use_chat_template: bool,
+               prompt_prefix: str = "") -> list[list[int]]:
+    """The token ids every eval feeds a model: prefix + prompt, through the chat template
+    unless it is off (one definition, so accuracy and closeness see the same prompts)."""
+    from llmkd.data.collate import chat_prompt_ids
+
+    texts = [prompt_prefix + p for p in prompts]
+    return [chat_prompt_ids(tokenizer, p) if use_chat_template
+            else tokenizer(p, add_special_tokens=True)["input_ids"] for p in texts]
+
+
 def _max_model_len(model_dir: str, longest_prompt: int, max_new_tokens: int) -> int:
     """Context the engine needs; fail early (naming the fix) when the model cannot hold it."""
     need = longest_prompt + max_new_tokens
@@ -42,7 +53,6 @@ def evaluate_reasoning(model_path: str | Path, recipe: Any, *, backend: str = "v
     `prompt_prefix` is put before every prompt: a task prefix of a multi-task student, e.g. the
     rationale method's "[label] " (answer only) or "[rationale] " (rationale, then answer).
     """
-    from llmkd.data.collate import chat_prompt_ids
     from llmkd.data.recipes import Recipe, load_recipe
     from llmkd.eval.metrics import load_metric
     from llmkd.generation.backends import check_model_dir, make_backend
@@ -62,9 +72,7 @@ def evaluate_reasoning(model_path: str | Path, recipe: Any, *, backend: str = "v
 
     rows = rec.load(num_examples, seed=seed, offset=offset)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-    texts = [prompt_prefix + p for p in rows["prompt"]]
-    prompts = [chat_prompt_ids(tokenizer, p) if use_chat_template
-               else tokenizer(p, add_special_tokens=True)["input_ids"] for p in texts]
+    prompts = prompt_ids(tokenizer, rows["prompt"], use_chat_template, prompt_prefix)
     max_len = _max_model_len(model_dir, max(map(len, prompts)), max_new_tokens)
     engine_kwargs = {"batch_size": batch_size} if backend == "hf" else {}
     engine = make_backend(backend, model_dir, max_model_len=max_len, **engine_kwargs)

@@ -6,8 +6,9 @@ earlier report):
 - ``metrics.json`` — one evaluation, as written by `evaluate_reasoning` (e.g.
   ``eval/<label>/metrics.json``). Keys read: ``accuracy``, ``ci_low``, ``ci_high``, ``n``,
   ``label`` (else the directory name), ``model``, ``recipe``, ``backend`` and, when present,
-  the teacher-agreement numbers in `EXTRA_COLUMNS` (``kl_to_teacher``, ``acceptance_rate``,
-  ``block_efficiency``). Any key may be missing; the table shows "—".
+  the teacher-agreement numbers in `EXTRA_COLUMNS` (``teacher``, ``kl_to_teacher``,
+  ``top1_agreement``, ``acceptance_rate``, ``block_efficiency``; from ``llmkd eval --teacher``
+  or ``--speculative``). Any key may be missing; the table shows "—".
 - ``trainer_state.json`` (from `transformers.Trainer`, e.g. ``train/trainer_state.json``) or
   ``log_history.json`` (a list of Trainer log dicts, or ``{"log_history": [...]}``): every
   numeric key (``loss``, ``kl``, ``taid_t``, ``eval_kl``, ...) is plotted against ``step``.
@@ -29,7 +30,8 @@ from typing import Any
 
 from llmkd.eval.monitor import PATIENCE, detect_hacking, evaluations
 
-EXTRA_COLUMNS = {"kl_to_teacher": "KL to teacher", "acceptance_rate": "α (acceptance)",
+EXTRA_COLUMNS = {"teacher": "Teacher", "kl_to_teacher": "KL to teacher",
+                 "top1_agreement": "top-1 agreement", "acceptance_rate": "α (acceptance)",
                  "block_efficiency": "τ (block eff.)", "tokens_per_target_call": "tokens / target call",
                  "speedup": "speed-up vs target alone"}
 TRAIN_LOGS = ("trainer_state.json", "log_history.json")
@@ -123,6 +125,9 @@ def _markdown(evals: list[dict], logs: list[dict], plots: list[str]) -> str:
             cells = [r["label"], r.get("recipe", "—"), _acc_cell(r), _fmt(r.get("n")),
                      *(_fmt(r.get(k)) for k in extra), r.get("backend", "—")]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        on = sorted({r["closeness_on"] for r in evals if r.get("closeness_on")})
+        if on:
+            lines += ["", f"KL to teacher is KL(teacher ‖ model) in nats per token, on the {', '.join(on)}."]
         lines.append("")
     if logs:
         keys = sorted({k for log in logs for k in log["last"]})

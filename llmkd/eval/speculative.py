@@ -222,9 +222,10 @@ def evaluate_speculative(target_path: str, draft_path: str, recipe: Any, *, gamm
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmkd.data.collate import DistillCollator, chat_prompt_ids
+    from llmkd.data.collate import DistillCollator
     from llmkd.data.recipes import Recipe, load_recipe
     from llmkd.eval.metrics import load_metric
+    from llmkd.eval.reasoning import prompt_ids
     from llmkd.generation.backends import check_model_dir
 
     started = time.time()
@@ -248,9 +249,7 @@ def evaluate_speculative(target_path: str, draft_path: str, recipe: Any, *, gamm
     check_draft(target, draft, tokenizer, draft_tok)
 
     rows = rec.load(num_examples, seed=seed, offset=offset)
-    texts = [prompt_prefix + p for p in rows["prompt"]]
-    prompts = [chat_prompt_ids(tokenizer, p) if use_chat_template
-               else tokenizer(p, add_special_tokens=True)["input_ids"] for p in texts]
+    prompts = prompt_ids(tokenizer, rows["prompt"], use_chat_template, prompt_prefix)
     eos_ids = sorted(eos_of(tokenizer, target))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     m = measure_speculative(target, draft, prompts, gamma=gamma, max_new_tokens=max_new_tokens,
