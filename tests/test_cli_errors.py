@@ -479,6 +479,10 @@ CASES = {
     "eval-vocab-smaller-than-tokenizer": Case(("model=", "vocab_size=300"), argv=eval_argv(eval_model(shrink_vocab))),
     "eval-truncated-weights": Case(("model=", "is truncated"), argv=eval_argv(eval_model(truncate))),
     "eval-yaml-syntax": Case(("eval config", "line 2, column"), argv=lambda tmp: ["eval", file_text("e.yaml", "models: [a\n")(tmp)]),
+    "eval-teacher-other-tokenizer": Case(("teacher=", "/other'", "(recipe 'arithmetic')", "different tokenizer",
+                                          "from model 'student'"), light=False,
+                                         argv=lambda tmp: other_tokenizer_student(tmp, {"model": {}})
+                                         or eval_argv(lambda t: STUDENT[0], "--teacher", str(tmp / "other"))(tmp)),
     "eval-speculative-draft-missing": Case(("speculative='/no/draft'", "does not exist"),
                                            argv=eval_argv(lambda t: STUDENT[0], "--speculative", "/no/draft")),
     # llmkd quickstart: every stage's config before the first stage (generation) runs

@@ -266,7 +266,7 @@ def test_cli_two_recipes_two_teachers_per_source(cli, tiny_pair, tmp_path: Path)
     assert rc == 0, out
     md = (tmp_path / "ev" / "report" / "report.md").read_text()
     assert "| Teacher | KL to teacher | top-1 agreement | α (acceptance) |" in md
-    assert f"| s | arithmetic |" in md and f"| {teacher} |" in md and f"| {student} |" in md
+    assert "| s | arithmetic |" in md and f"| {teacher} |" in md and f"| {student} |" in md
     assert "teacher greedy responses" in md
 
 
