@@ -13,7 +13,7 @@
 3. Per source: held-out KL(source's teacher || student) on the gold responses (token mean,
    nats), greedy accuracy with a 95 % Wilson interval; and the median seconds per step.
 With `--logic-tokenizer other` the logic specialist is first moved to its own BPE tokenizer
-(`--vocab` tokens; each new embedding the mean of its pieces' embeddings) and then fine-tuned; the
+(at most `--vocab` tokens; each new embedding the mean of its pieces' embeddings) and then fine-tuned; the
 rows become math_alone, logic_other_alone and routed_mixed_tokenizers (the logic teacher through
 `model.teachers.logic.method: {name: cross_tokenizer, loss: alm}`; `mean` needs one tokenizer), and
 the syllogism column reports the held-out ALM chunk gap (mean |l_T - l_S| over aligned chunks,
@@ -105,7 +105,7 @@ def specialist(base: str, name: str, args: argparse.Namespace, cache: Path) -> s
 
 
 def other_tokenizer_specialist(base: str, name: str, args: argparse.Namespace, cache: Path) -> str:
-    """Like `specialist`, but first moved to a new BPE tokenizer (`--vocab` tokens, trained on both
+    """Like `specialist`, but first moved to a new BPE tokenizer (at most `--vocab` tokens, trained on both
     sources' chat texts from another seed): each new embedding the mean of its pieces' embeddings."""
     target = cache / (f"multi_teacher-{name}-othertok-V{args.vocab}-L{args.teacher_layers}"
                       f"-S{args.teacher_steps}-seed{args.seed}")
@@ -223,6 +223,13 @@ def run_row(name: str, cfg: Any, teachers: dict[str, str], work: Path, args: arg
     return row
 
 
+def vocab_size(model_dir: str) -> int:
+    """Tokens in a model's tokenizer (the BPE trainer stops early when its texts run out of merges)."""
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(model_dir))
+
+
 def other_tokenizer(args: argparse.Namespace, src: str) -> bool:
     return src == "logic" and args.logic_tokenizer == "other"
 
@@ -264,7 +271,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, d in [("teacher_math", teachers["math"]), ("teacher_logic", teachers["logic"])]:
         if wanted is None or name in wanted:
             rows.append({"row": name, **{src: accuracy(d, recipe, args) for src, recipe in SOURCES.items()}})
-    result = {"args": vars(args), "platform": platform.platform(), "rows": rows}
+    result = {"args": vars(args), "platform": platform.platform(), "rows": rows,
+              "vocab_sizes": {n: vocab_size(d) for n, d in {**teachers, "student": student}.items()}}
     stem = "multi_teacher_mixed_tokenizers" if args.logic_tokenizer == "other" else "multi_teacher"
     out = Path(args.out) if args.out else (work / f"{stem}.json" if args.tiny else HERE / "results" / f"{stem}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,7 +311,8 @@ def main() -> None:
     p.add_argument("--work", default="runs/bench-multi-teacher")
     p.add_argument("--logic-tokenizer", choices=("same", "other"), default="same",
                    help="other: the logic specialist gets its own BPE tokenizer (distilled through ALM)")
-    p.add_argument("--vocab", type=int, default=4096, help="size of that other tokenizer")
+    p.add_argument("--vocab", type=int, default=4096,
+                   help="at most this many tokens in that other tokenizer (fewer when its texts run out of merges)")
     p.add_argument("--rows", default=None, help="comma-separated rows to run (default: all)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
