@@ -259,8 +259,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cache = work / "cache" if args.tiny else cache_root() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
     base = base_model(args)
-    teachers = {name: (other_tokenizer_specialist if other_tokenizer(args, name) else specialist)(base, name, args, cache)
-                for name in SOURCES}
+    build = {name: other_tokenizer_specialist if other_tokenizer(args, name) else specialist for name in SOURCES}
+    teachers = {name: build[name](base, name, args, cache) for name in SOURCES}
     student = derived(base, args.student_layers, cache / f"multi_teacher-student-L{args.student_layers}")
     wanted = set(args.rows.split(",")) if args.rows else None
     rows = []
