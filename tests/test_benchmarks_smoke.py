@@ -173,7 +173,7 @@ def test_multi_teacher_tiny_writes_every_row_per_source(tmp_path: Path) -> None:
 
     args = argparse.Namespace(tiny=True, steps=2, batch=4, lr=3e-3, num_train=4, num_eval=4, max_new_tokens=6,
                               teacher_layers=2, teacher_steps=2, teacher_lr=3e-3, student_layers=1, seed=0,
-                              work=str(tmp_path), out=None)
+                              work=str(tmp_path), out=None, logic_tokenizer="same", vocab=400, rows=None)
     multi_teacher.run(args)
     rows = {r["row"]: r for r in json.loads((tmp_path / "multi_teacher.json").read_text())["rows"]}
     assert set(rows) == {"math_alone", "logic_alone", "routed", "mean", "teacher_math", "teacher_logic"}
@@ -184,3 +184,30 @@ def test_multi_teacher_tiny_writes_every_row_per_source(tmp_path: Path) -> None:
         assert rows[name]["s_per_step"] > 0
     # the specialists differ (each fine-tuned on its own source), so routing changes the targets
     assert rows["math_alone"]["logic"]["kl_to_teacher"] != rows["logic_alone"]["logic"]["kl_to_teacher"]
+
+
+def test_multi_teacher_tiny_other_tokenizer_logic_teacher(tmp_path: Path) -> None:
+    """--logic-tokenizer other: the logic specialist has its own tokenizer, is distilled through
+    ALM beside the same-tokenizer math teacher, and its column is a chunk gap, not a KL."""
+    import argparse
+    import json
+
+    from transformers import AutoTokenizer
+
+    import multi_teacher
+
+    args = argparse.Namespace(tiny=True, steps=2, batch=4, lr=3e-3, num_train=4, num_eval=4, max_new_tokens=6,
+                              teacher_layers=2, teacher_steps=2, teacher_lr=3e-3, student_layers=1, seed=0,
+                              work=str(tmp_path), out=None, logic_tokenizer="other", vocab=400,
+                              rows="logic_other_alone,routed_mixed_tokenizers,teacher_logic")
+    multi_teacher.run(args)
+    result = json.loads((tmp_path / "multi_teacher_mixed_tokenizers.json").read_text())
+    rows = {r["row"]: r for r in result["rows"]}
+    assert set(rows) == {"logic_other_alone", "routed_mixed_tokenizers", "teacher_logic"}
+    logic = next((tmp_path / "cache").glob("multi_teacher-logic-othertok-*"))
+    math = next((tmp_path / "cache").glob("multi_teacher-math-*"))
+    assert AutoTokenizer.from_pretrained(logic).get_vocab() != AutoTokenizer.from_pretrained(math).get_vocab()
+    for name in ("logic_other_alone", "routed_mixed_tokenizers"):
+        assert rows[name]["math"]["kl_to_teacher"] > 0 and "chunk_gap_to_teacher" not in rows[name]["math"]
+        assert rows[name]["logic"]["chunk_gap_to_teacher"] > 0 and "kl_to_teacher" not in rows[name]["logic"]
+        assert rows[name]["s_per_step"] > 0
