@@ -43,7 +43,11 @@ def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"{what} file {str(p)!r} does not exist")
     try:
-        raw = yaml.load(p.read_text(), Loader=_Loader) or {}   # noqa: S506 (_Loader is a SafeLoader)
+        loader = _Loader(p.read_text())      # a SafeLoader that also refuses duplicate keys
+        try:
+            raw = loader.get_single_data() or {}
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         raise ValueError(f"{what} {str(p)!r}, {_yaml_error(err)}; fix the YAML (indentation, a space "
                          "after ':', matching quotes and brackets)") from None
