@@ -142,3 +142,11 @@ def test_damaged_compact_shard_one_line_nothing_trained(generated, tiny_pair, tm
     pq.write_table(table.replace_schema_metadata(meta), shard, compression="zstd")
     error = offline_distill_error(tmp_path, tiny_pair[1], bad, num_train=8, num_eval=4)
     assert "damaged" in error and "regenerate" in error and "row id=" in error, error
+
+
+def test_compact_decode_is_hashable_so_no_warning_and_cached(generated):
+    """The decode transform must hash (datasets fingerprinting): an unhashable closure printed a
+    'couldn't be hashed properly' warning on every `llmkd distill` of a compact dir and redid
+    the decode each load. A hashable one gives the same fingerprint twice."""
+    first, second = (load_generated(generated["compact"]) for _ in range(2))
+    assert first._fingerprint == second._fingerprint

@@ -126,3 +126,26 @@ def test_hidden_dir_without_head_one_line_nothing_trained(families, tmp_path):
     (bad / HEAD_FILE).unlink()
     error = offline_distill_error(tmp_path, student, bad)
     assert HEAD_FILE in error and "targets=hidden" in error, error
+
+
+@pytest.mark.parametrize("targets", ["topk", "hidden"])
+def test_teacher_with_padded_vocab_rows_one_line_nothing_trained(tiny_pair, tmp_path, targets):
+    """A Gemma 2 teacher whose embedding has more rows than its tokenizer (padded vocab_size, as
+    Qwen's): the rows it generated can hold ids the student's tokenizer lacks (an untrained teacher
+    samples them); one line naming the id, not an IndexError from the student's embedding."""
+    tok = load_tokenizer(tiny_pair[0])
+    config = transformers.Gemma2Config(
+        vocab_size=len(tok) + 64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        initializer_range=0.2, final_logit_softcapping=2.0)
+    torch.manual_seed(1)
+    teacher = transformers.Gemma2ForCausalLM(config)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    cfg = GenerationConfig(model=str(tmp_path / "teacher"), backend="hf", recipe="arithmetic", num_prompts=4,
+                           max_new_tokens=12, temperature=1.0, output_dir=str(tmp_path / "gen"),
+                           targets=targets, topk=20)
+    data = run_generation(cfg, progress=False)
+    error = offline_distill_error(tmp_path, tiny_pair[1], data, num_train=3, num_eval=1)
+    assert f"outside the student's tokenizer ({len(tok)} tokens)" in error and "row id=" in error, error

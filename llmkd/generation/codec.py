@@ -147,19 +147,23 @@ def decode_row(ids_b: bytes, lv_b: bytes, meta: bytes) -> tuple[list[list[int]],
     return ids.tolist(), lp.astype(np.float32).tolist(), np.exp(log_tail).astype(np.float32).tolist()
 
 
+def _decode_batch(b: dict[str, list[Any]], source: str) -> dict[str, list[Any]]:
+    """One batch of `decode_dataset`; a module-level function so datasets can hash it (a closure
+    is not: it warned on every load and defeated the cache)."""
+    out: dict[str, list[Any]] = {c: [] for c in DECODED}
+    for i, block in enumerate(zip(*(b[c] for c in COLUMNS))):
+        try:
+            decoded = decode_row(*block)
+        except DamagedBlockError as err:
+            raise DamagedBlockError(f"{source}: row id={b['id'][i]!r}: {err}; the shard is corrupt: "
+                                    "regenerate it (delete the shard and rerun `llmkd generate`, "
+                                    "which fills in what is missing)") from None
+        for c, v in zip(DECODED, decoded):
+            out[c].append(v)
+    return out
+
+
 def decode_dataset(rows: Dataset, source: str) -> Dataset:
     """Replace the compact columns of generated rows by the top-k columns the loss reads."""
-    def batch(b: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {c: [] for c in DECODED}
-        for i, block in enumerate(zip(*(b[c] for c in COLUMNS))):
-            try:
-                decoded = decode_row(*block)
-            except DamagedBlockError as err:
-                raise DamagedBlockError(f"{source}: row id={b['id'][i]!r}: {err}; the shard is corrupt: "
-                                        "regenerate it (delete the shard and rerun `llmkd generate`, "
-                                        "which fills in what is missing)") from None
-            for c, v in zip(DECODED, decoded):
-                out[c].append(v)
-        return out
-
-    return rows.map(batch, batched=True, remove_columns=list(COLUMNS), desc="decode compact top-k")
+    return rows.map(_decode_batch, batched=True, fn_kwargs={"source": source}, remove_columns=list(COLUMNS),
+                    desc="decode compact top-k")

@@ -43,6 +43,8 @@ def build_datasets(cfg: DistillationConfig, method: Method, data: DataSpec | Non
         from llmkd.generation.writer import load_generated
 
         rows = load_generated(d.path)
+        if method.uses_generated_token_ids and method.student_tokenizer is not None:
+            check_token_ids(rows, len(method.student_tokenizer), d.path)
         if teacher is not None:
             rows = rows.filter(lambda t: t == teacher, input_columns=TEACHER_COLUMN).remove_columns(TEACHER_COLUMN)
         train, evals = split_by_prompt(rows, d.num_train, d.num_eval, allow_fewer=d.allow_fewer,
@@ -244,6 +246,31 @@ def check_generated_tokenizer(path: str | Path, student_tok: PreTrainedTokenizer
             f"(sha {recorded['sha'][:12]}) but the student's has {ours['size']} (sha "
             f"{ours['sha'][:12]}): the stored token ids would not mean the same tokens. Use a student "
             "with the teacher's tokenizer, or regenerate the data with a matching teacher")
+
+
+def check_token_ids(rows: Dataset, vocab: int, path: str | Path) -> None:
+    """A teacher whose embedding has more rows than its tokenizer (a padded vocab_size) can
+    generate ids no token has; the student's embedding would fail on them mid-step with an
+    IndexError. One line naming the row, before any weights load."""
+    import pyarrow.compute as pc
+
+    table = rows.data.table
+    for column in ("prompt_token_ids", "response_token_ids", "teacher_topk_ids"):
+        if column not in table.column_names:
+            continue
+        flat = table.column(column)
+        while flat.type.num_fields:                    # list<...> -> its elements
+            flat = pc.list_flatten(flat)
+        if (pc.max(flat).as_py() or 0) < vocab:
+            continue
+        for row_id, ids in zip(rows["id"], rows[column]):
+            top = max((max(x) if isinstance(x, list) else x for x in ids if x != []), default=0)
+            if top >= vocab:
+                raise ValueError(
+                    f"data.path={str(path)!r} row id={row_id}: {column} holds token id {top}, outside "
+                    f"the student's tokenizer ({vocab} tokens); the teacher's embedding has padding rows "
+                    "beyond its tokenizer and generated one: regenerate with a trained teacher, or drop "
+                    "that row")
 
 
 def check_lora_targets_early(cfg: DistillationConfig) -> None:
