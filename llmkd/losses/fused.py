@@ -25,12 +25,13 @@ from llmkd.validation import check_fused
 
 log = logging.getLogger("llmkd")
 
-# Where `fused: auto` turns the compiled path on. On the 2-core CPU the compiled chunk math is
-# not faster at SmolLM2 sizes (1.28x vs the eager 1.20x of the matmul floor, CPU seconds, in one
-# run: benchmarks/results/loss_memory.json), ~9 % faster only where the element-wise work
-# dominates, and each process pays ~25 s of compile; on a GPU the eager passes are the bottleneck
-# (8.2x the matmul floor on an H200), so auto compiles there.
-AUTO_DEVICES = ("cuda",)
+# Where `fused: auto` turns the compiled path on: only where it was measured faster. On the 2-core
+# CPU it is not faster at SmolLM2 sizes (1.28x vs the eager 1.20x of the matmul floor, CPU seconds,
+# in one run: benchmarks/results/loss_memory.json), ~9 % faster only where the element-wise work
+# dominates, and each process pays ~25 s of compile. On a GPU the eager passes are the bottleneck
+# (8.2x the matmul floor on an H200), but the compiled path has not run on a GPU yet
+# (benchmarks/gpu_suite.sh measures it): until it has, auto stays eager there too.
+AUTO_DEVICES: tuple[str, ...] = ()
 
 
 def _rowsum(x: torch.Tensor) -> torch.Tensor:
