@@ -12,7 +12,6 @@ No model library is imported at module level: the config validation uses the dis
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -22,6 +21,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from llmkd.fsutil import existing_parent, no_space
 from llmkd.training.outdir import mark_output_dir
 from llmkd.preflight import weights_problem
 
@@ -208,7 +208,7 @@ def save_checkpoint(trainer: Trainer, model: Any, trial: Any, save: Callable[[An
             for filename, text in extra_files.items():
                 (staged / filename).write_text(text)
     except Exception as err:
-        if not _disk_full(err, staging_root):
+        if not no_space(err, staging_root):
             raise
         needed = _tree_size(staged)
         shutil.rmtree(staging_root, ignore_errors=True)       # frees what the failed save wrote
@@ -233,29 +233,6 @@ def save_checkpoint(trainer: Trainer, model: Any, trial: Any, save: Callable[[An
 
 
 # -- disk full ---------------------------------------------------------------------------------
-DISK_FULL_TEXT = ("No space left", "os error 28", "StorageFull", "Disk quota exceeded")
-
-
-def _disk_full(err: BaseException, where: Path) -> bool:
-    """A save failed for lack of space. torch and safetensors rarely raise OSError(ENOSPC) (torch
-    on a full tmpfs: "enforce fail at inline_container.cc: unexpected pos"), so also ask the file
-    system: a failed write leaves it (almost) full."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if any(t in str(err) for t in DISK_FULL_TEXT):
-        return True
-    try:
-        return shutil.disk_usage(_existing(where)).free < 1 << 20
-    except OSError:
-        return False
-
-
-def _existing(p: Path) -> Path:
-    while not p.exists():
-        p = p.parent
-    return p
-
-
 def _tree_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
 
@@ -264,7 +241,7 @@ def _disk_full_message(run_dir: Path, name: str, written: int) -> str:
     """One line: where, how much is free, about how much a checkpoint needs, what is intact."""
     previous, _ = find_checkpoint(run_dir)
     need = max(_tree_size(previous) if previous else 0, written)
-    free = shutil.disk_usage(_existing(run_dir)).free
+    free = shutil.disk_usage(existing_parent(run_dir)).free
     mb = 2**20
     kept = (f"the newest complete checkpoint is still {previous}; resume with --set "
             "resume_from_checkpoint=true" if previous else "no checkpoint was saved")
