@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import Any, Callable
 
 from llmkd.fsutil import DiskFullError
 
@@ -63,6 +64,15 @@ class _ToStderr(logging.Filter):
 
 def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+def run_alone(register: Callable[[Any], None], command: str, argv: list[str] | None, prog: str) -> int:
+    """One subcommand as its own program (`python -m llmkd.cli.generate`, launch scripts, tests),
+    without importing the other subcommands' modules."""
+    parser = argparse.ArgumentParser(prog=prog)
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
 
 
 def main(argv: list[str] | None = None) -> int:

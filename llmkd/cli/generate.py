@@ -32,10 +32,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`llmkd generate` alone, independent of the other subcommands' modules (used by tests)."""
-    parser = argparse.ArgumentParser(prog="python -m llmkd.cli.generate")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from llmkd.cli import run_alone
+
+    return run_alone(register, "generate", argv, "python -m llmkd.cli.generate")
 
 
 if __name__ == "__main__":

@@ -135,10 +135,9 @@ def _cpu_kv_bytes(config: Any, dtype: str, max_len: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`llmkd serve-teacher` alone (used by tests and launch scripts)."""
-    parser = argparse.ArgumentParser(prog="python -m llmkd.cli.serve")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["serve-teacher", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from llmkd.cli import run_alone
+
+    return run_alone(register, "serve-teacher", argv, "python -m llmkd.cli.serve")
 
 
 if __name__ == "__main__":
