@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["DistillationConfig", "DistillationTrainer", "build_trainer", "load_config"]
+__all__ = ["DistillationConfig", "DistillationTrainer", "build_trainer", "load_config", "shutdown_distributed"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,8 +17,8 @@ def __getattr__(name: str) -> Any:
         from llmkd.training.trainer import DistillationTrainer
 
         return DistillationTrainer
-    if name == "build_trainer":
-        from llmkd.training.pipeline import build_trainer
+    if name in ("build_trainer", "shutdown_distributed"):
+        from llmkd.training import pipeline
 
-        return build_trainer
+        return getattr(pipeline, name)
     raise AttributeError(name)

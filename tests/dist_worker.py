@@ -30,7 +30,7 @@ def main() -> int:
     import torch
 
     from llmkd.training.config import load_config
-    from llmkd.training.pipeline import build_trainer
+    from llmkd.training.pipeline import build_trainer, shutdown_distributed
     from llmkd.training.trainer import _zero_stage
 
     cfg = load_config(args.config, args.overrides)
@@ -64,8 +64,7 @@ def main() -> int:
         tmp = Path(args.info + ".tmp")
         tmp.write_text(json.dumps(info, indent=1))
         os.replace(tmp, args.info)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    shutdown_distributed()
     return 0
 
 

@@ -168,7 +168,7 @@ def test_taid_with_lora_and_bad_inputs(tiny_pair, tmp_path):
 WORKER = '''
 import json, os, sys
 from llmkd.training.config import config_from_dict
-from llmkd.training.pipeline import build_trainer
+from llmkd.training.pipeline import build_trainer, shutdown_distributed
 raw = json.loads(sys.argv[1])
 trainer = build_trainer(config_from_dict(raw))
 trainer.train()
@@ -179,6 +179,7 @@ out = {"state": trainer.method.state_dict(), "world": trainer.args.world_size,
        "local_ce": [h["taid_ce"] for h in hist if "taid_ce" in h]}
 with open(os.path.join(raw["output_dir"], f"rank{rank}.json"), "w") as fh:
     json.dump(out, fh)
+shutdown_distributed()
 '''
 
 

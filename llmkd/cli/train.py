@@ -94,7 +94,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _run(cfg: Any, phase: dict[str, str]) -> int:
-    from llmkd.training.pipeline import build_trainer
+    from llmkd.training.pipeline import build_trainer, shutdown_distributed
 
     trainer = build_trainer(cfg)
     trainer.train()
@@ -105,7 +105,7 @@ def _run(cfg: Any, phase: dict[str, str]) -> int:
     trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero():
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-    _shutdown_distributed()
+    shutdown_distributed()
     return 0
 
 
@@ -173,16 +173,6 @@ def _next_step(args: argparse.Namespace, out: Path) -> str:
     if find_checkpoint(out)[0] is not None:
         return f"resume: {_resume_command(args)}"
     return "run the same command again (nothing was saved to resume from)"
-
-
-def _shutdown_distributed() -> None:
-    """Tear the process group down before exit: left to interpreter shutdown, gloo's threads can
-    abort a rank ("terminate called without an active exception") after all work is done."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:

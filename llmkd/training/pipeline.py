@@ -188,6 +188,17 @@ def build_trainer(cfg: DistillationConfig):
                                processing_class=student_tok, train_dataset=train, eval_dataset=evals, monitor=monitor)
 
 
+def shutdown_distributed() -> None:
+    """Tear the process group down before exit: left to interpreter shutdown, gloo's threads can
+    abort a rank ("terminate called without an active exception") after all work is done. Call
+    it last in a script started by torchrun; `llmkd distill` does."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def build_monitor(cfg: DistillationConfig, student_tok: PreTrainedTokenizerBase):
     """The `monitor:` section's GoldenMonitor (None when unset), on the same held-out split as
     the eval set; gold answers come from the recipe (or a generated dir's `gold` column)."""
