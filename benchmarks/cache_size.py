@@ -43,12 +43,13 @@ KS = (20, 50, 128)
 
 # -- shards ------------------------------------------------------------------------------------
 def generate_shards(model: str, out: Path, args: argparse.Namespace) -> Path:
-    """A real `llmkd generate` run at the largest k."""
+    """A real `llmkd generate` run at the largest k, lossless: the exact values every cut and
+    encoding below starts from."""
     from llmkd.generation.run import GenerationConfig, run_generation
 
     cfg = GenerationConfig(model=model, backend="hf", recipe=args.recipe, num_prompts=args.prompts,
                            offset=args.offset, temperature=0.0, max_new_tokens=args.max_new_tokens,
-                           topk=max(KS), max_model_len=args.max_model_len, output_dir=str(out),
+                           topk=max(KS), cache="lossless", max_model_len=args.max_model_len, output_dir=str(out),
                            engine={"batch_size": 16})
     return run_generation(cfg, progress=False)
 

@@ -74,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         lossless = run_generation(GenerationConfig(
-            model=args.model, backend="hf", recipe="arithmetic", temperature=0.0, topk=args.k,
+            model=args.model, backend="hf", recipe="arithmetic", temperature=0.0, topk=args.k, cache="lossless",
             num_prompts=args.train_prompts + args.eval_prompts, max_new_tokens=args.max_new_tokens,
             output_dir=str(tmp_path / "lossless"), engine={"batch_size": 16}), progress=False)
         vocab = len(AutoTokenizer.from_pretrained(resolve_model_name(args.model)))

@@ -1,5 +1,6 @@
-"""Compact top-k cache (`generate` config `cache: compact`): codec fidelity against the exact
-values, the same rows as a lossless run after decoding, old dirs unchanged, damaged blocks fail."""
+"""Compact top-k cache (`generate` config `cache: compact`, the default for new dirs): codec
+fidelity against the exact values, the same rows as a lossless run after decoding, old dirs
+unchanged and resumed as they were written, damaged blocks fail."""
 from __future__ import annotations
 
 import math
@@ -86,17 +87,19 @@ def test_codec_rejects_damaged_and_ragged_blocks():
         codec.encode_row([[1, 2], [3]], [[-1.0, -2.0], [-1.0]])
 
 
+def _config(tiny_pair, out, **over) -> GenerationConfig:
+    """Greedy tiny-teacher prompts, HF backend, top-8, into `out`; `over` replaces any key."""
+    return GenerationConfig(**{"model": tiny_pair[0], "backend": "hf", "recipe": "arithmetic",
+                               "num_prompts": 12, "max_new_tokens": 10, "topk": 8,
+                               "output_dir": str(out), "shard_size": 6, **over})
+
+
 @pytest.fixture(scope="module")
 def generated(tiny_pair, tmp_path_factory):
-    """The same greedy prompts written lossless and compact (HF backend, top-8)."""
+    """The same greedy prompts written with an explicit `cache: lossless` and `cache: compact`."""
     root = tmp_path_factory.mktemp("gen")
-    out = {}
-    for cache in ("lossless", "compact"):
-        cfg = GenerationConfig(model=tiny_pair[0], backend="hf", recipe="arithmetic", num_prompts=12,
-                               max_new_tokens=10, topk=8, output_dir=str(root / cache), shard_size=6,
-                               cache=cache)
-        out[cache] = run_generation(cfg, progress=False)
-    return out
+    return {cache: run_generation(_config(tiny_pair, root / cache, cache=cache), progress=False)
+            for cache in ("lossless", "compact")}
 
 
 def test_compact_dir_reads_back_as_the_lossless_columns(generated):
@@ -150,3 +153,54 @@ def test_compact_decode_is_hashable_so_no_warning_and_cached(generated):
     the decode each load. A hashable one gives the same fingerprint twice."""
     first, second = (load_generated(generated["compact"]) for _ in range(2))
     assert first._fingerprint == second._fingerprint
+
+
+# -- the default: compact for a new dir, the dir's own codec on resume ---------------------------
+def test_a_new_dir_defaults_to_compact_and_trains_offline(generated, tiny_pair, tmp_path):
+    from llmkd.training.config import config_from_dict
+    from llmkd.training.pipeline import build_trainer
+
+    out = run_generation(_config(tiny_pair, tmp_path / "gen", num_prompts=8), progress=False)
+    assert all(codec.COLUMNS[0] in pq.read_schema(p).names for p in out.glob("shard-*.parquet"))
+    m = read_manifest(out)
+    assert m["config"]["cache"] == "compact"
+    assert m["fingerprint"] == read_manifest(generated["compact"])["fingerprint"]   # = explicit compact
+    trainer = build_trainer(config_from_dict({
+        "output_dir": str(tmp_path / "run"), "use_cpu": True, "max_steps": 1, "report_to": "none",
+        "save_strategy": "no", "model": {"teacher": None, "student": tiny_pair[1], "teacher_mode": "offline"},
+        "data": {"path": str(out), "num_train": 6, "num_eval": 2}, "method": {"name": "token_kd", "kind": "fkl"}}))
+    assert trainer.teacher is None and "teacher_topk_logprobs" in trainer.train_dataset.column_names
+    assert math.isfinite(trainer.train().training_loss)
+
+
+def test_resuming_a_lossless_dir_with_defaults_keeps_its_codec_and_fingerprint(generated, tiny_pair, tmp_path):
+    """A dir written lossless (explicitly, or before `cache` existed: the same fingerprint) and
+    rerun without `cache` resumes lossless: no refusal, no codec switch mid-dir."""
+    import shutil
+
+    old = shutil.copytree(generated["lossless"], tmp_path / "old")
+    before = read_manifest(old)["fingerprint"]
+    run_generation(_config(tiny_pair, old, num_prompts=14), progress=False)
+    m = read_manifest(old)
+    assert m["fingerprint"] == before and "cache" not in m["config"]
+    assert m["metadata"]["prompts"]["generated_this_run"] == 2 and m["rows"] == 14
+    names = [pq.read_schema(p).names for p in sorted(old.glob("shard-*.parquet"))]
+    assert len(names) == 3 and all("teacher_topk_logprobs" in n and codec.COLUMNS[0] not in n for n in names)
+
+
+def test_an_explicit_cache_other_than_the_dirs_is_refused_in_one_line(generated, tiny_pair, tmp_path, capsys):
+    import yaml
+
+    from llmkd.cli import main
+
+    for found, asked in (("lossless", "compact"), ("compact", "lossless")):
+        shards = sorted(generated[found].glob("shard-*"))
+        with pytest.raises(ValueError, match=rf"cache={asked!r} but output_dir .* holds {found} shards.*"
+                                             r"drop cache .*or choose another output_dir"):
+            run_generation(_config(tiny_pair, generated[found], cache=asked), progress=False)
+        assert sorted(generated[found].glob("shard-*")) == shards
+    (tmp_path / "gen.yaml").write_text(yaml.safe_dump({**vars(_config(tiny_pair, generated["lossless"])),
+                                                       "cache": "compact"}))
+    assert main(["generate", str(tmp_path / "gen.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds lossless shards" in err and "Traceback" not in err, err

@@ -11,13 +11,13 @@ from llmkd.training.pipeline import build_trainer
 
 @pytest.fixture(scope="module")
 def full_vocab_generation(tiny_pair, tmp_path_factory):
-    """Teacher responses with the FULL vocabulary as top-k (k = V): offline must equal live."""
+    """Teacher responses with the FULL vocabulary as top-k (k = V), lossless: offline must equal live."""
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(tiny_pair[0]).vocab_size
     out = tmp_path_factory.mktemp("gen") / "full"
     cfg = GenerationConfig(model=tiny_pair[0], backend="hf", recipe="arithmetic", num_prompts=12,
-                           max_new_tokens=10, topk=vocab, output_dir=str(out), shard_size=6)
+                           max_new_tokens=10, topk=vocab, cache="lossless", output_dir=str(out), shard_size=6)
     return run_generation(cfg, progress=False)
 
 

@@ -35,7 +35,7 @@ def check_config(cfg: Any) -> None:
     if cfg.backend != "hf":
         raise ValueError(f"config: targets=hidden needs backend=hf (found {cfg.backend!r}): vLLM's "
                          "generate returns no hidden states; set backend=hf, or targets=topk")
-    if cfg.cache != "lossless":
+    if cfg.cache not in ("auto", "lossless"):
         raise ValueError(f"config: cache={cfg.cache!r} compresses top-k log-probs, which targets=hidden "
                          "does not store; drop cache or set targets=topk")
     if getattr(cfg, "mixture", None):

@@ -170,6 +170,7 @@ def run_generation(cfg: GenerationConfig, *, progress: bool = True) -> Path:
     from llmkd.generation.writer import ShardWriter
 
     # 1. Everything checkable without the teacher(s), before any engine starts.
+    cfg = cfg.with_cache()
     check_engine_options(cfg.backend, cfg.engine)
     sources = [_prepare(c, name) for name, c in cfg.sources]
     tokenizer_print = _one_tokenizer(sources)

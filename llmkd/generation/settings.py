@@ -16,7 +16,7 @@ from llmkd.generation.spec import SamplingSpec
 
 
 MODES = ("response", "rationale")
-CACHES = ("lossless", "compact")
+CACHES = ("auto", "lossless", "compact")
 TARGETS = ("topk", "hidden")
 # the keys a mixture source sets for itself; every other key is shared by all sources
 SOURCE_KEYS = ("teacher", "model", "recipe", "data_path", "num_prompts", "offset")
@@ -44,7 +44,8 @@ class GenerationConfig:
     top_p: float = 1.0
     max_new_tokens: int = 128
     topk: int = 20                       # teacher top-k log-probs kept per token (0 = none)
-    cache: str = "lossless"              # top-k storage: lossless float32 | compact (llmkd.generation.codec)
+    cache: str = "auto"                  # top-k storage: auto (compact for a new dir, a resumed dir's own)
+                                         # | lossless float32 | compact (llmkd.generation.codec)
     targets: str = "topk"                # topk: top-k log-probs | hidden: final hidden states + head
     hidden_dtype: str = "bfloat16"       # targets=hidden: bfloat16 | float16 storage
     keep_incorrect: bool | None = None   # None: keep all in response mode, only correct in rationale
@@ -113,6 +114,24 @@ class GenerationConfig:
             out.append((name, dataclasses.replace(self, mixture=None, **coerce(where, entry, GenerationConfig))))
         return out
 
+    def with_cache(self) -> GenerationConfig:
+        """This config with `cache` settled against output_dir. `auto` takes the codec of the
+        shards already there, so a resumed dir never switches codec mid-dir and keeps the
+        fingerprint it was written with; a new dir gets compact top-k (students trained from it
+        matched lossless ones within noise) and lossless where there is no top-k to compress.
+        An explicit codec other than the dir's is refused: one dir holds one codec."""
+        from llmkd.generation.writer import stored_cache
+
+        found = stored_cache(self.output_dir)
+        if self.cache == "auto":
+            new = "compact" if self.topk and self.targets == "topk" else "lossless"
+            return dataclasses.replace(self, cache=found or new)
+        if found and found != self.cache:
+            raise ValueError(f"config: cache={self.cache!r} but output_dir {self.output_dir!r} holds {found} "
+                             "shards, and one dir never mixes codecs; drop cache (the default keeps a dir's "
+                             "codec) or choose another output_dir")
+        return self
+
     @property
     def sampling(self) -> SamplingSpec:
         return SamplingSpec(n=self.n, temperature=self.temperature, top_p=self.top_p,
@@ -135,7 +154,7 @@ class GenerationConfig:
         for key in ("num_prompts", "offset", "output_dir", "shard_size", "batch_size", "engine",
                     "tensor_parallel_size", "workers", "worker", "mixture"):
             d.pop(key)
-        if d["cache"] == "lossless":   # the default: dirs written before the key existed still match
+        if d["cache"] == "lossless":   # the old default: dirs written before the key existed still match
             d.pop("cache")
         if d["targets"] == "topk":     # likewise for dirs written before hidden-state targets
             d.pop("targets")

@@ -318,6 +318,14 @@ def load_generated(out_dir: str | Path) -> Dataset:
     return rows
 
 
+def stored_cache(out_dir: str | Path) -> str | None:
+    """The top-k codec of the shards in `out_dir` ("compact" or "lossless"), None if it has none."""
+    shards = _shards(Path(out_dir))
+    if not shards:
+        return None
+    return "compact" if codec.COLUMNS[0] in open_shard(shards[0]).schema_arrow.names else "lossless"
+
+
 def open_shard(path: Path, *, verify: bool = False) -> pq.ParquetFile:
     """The shard's parquet file; a truncated or unreadable one is a ValueError naming it."""
     try:
