@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
@@ -88,28 +89,26 @@ def encode_in_context(tokenizer: "PreTrainedTokenizerBase", contexts: Sequence[s
     return out
 
 
+def _cuts_and_reach(offsets: Sequence[Span]) -> tuple[dict[int, int], list[int]]:
+    """`valid_cuts` and, per token count t, the furthest end of the tokens before t (0 for none)."""
+    inf = float("inf")
+    reach = list(accumulate((e if e > s else 0 for s, e in offsets), max, initial=0))
+    first_start = list(accumulate((s if e > s else inf for s, e in reversed(offsets)), min, initial=inf))[::-1]
+    cuts: dict[int, int] = {}
+    for t, (end, start) in enumerate(zip(reach, first_start)):
+        if end <= start and end not in cuts:
+            cuts[end] = t
+    return cuts, reach
+
+
 def valid_cuts(offsets: Sequence[Span]) -> dict[int, int]:
     """Character position -> number of tokens before it, for every valid cut (smallest count
-    where zero-width tokens make several counts share a position).
+    where zero-width tokens make several counts share a position), in increasing position.
 
     The cut before token t sits at the furthest end of tokens < t and is valid when no later
     token starts before it. Zero-width tokens constrain nothing.
     """
-    n = len(offsets)
-    suffix_start = [float("inf")] * (n + 1)
-    for i in range(n - 1, -1, -1):
-        s, e = offsets[i]
-        suffix_start[i] = min(suffix_start[i + 1], s) if e > s else suffix_start[i + 1]
-    cuts: dict[int, int] = {}
-    end = 0
-    for t in range(n + 1):
-        if t:
-            s, e = offsets[t - 1]
-            if e > s:
-                end = max(end, e)
-        if end <= suffix_start[t]:
-            cuts.setdefault(end, t)
-    return cuts
+    return _cuts_and_reach(offsets)[0]
 
 
 def chunks_from_offsets(offsets_a: Sequence[Span], offsets_b: Sequence[Span], *,
@@ -122,7 +121,12 @@ def chunks_from_offsets(offsets_a: Sequence[Span], offsets_b: Sequence[Span], *,
     string, e.g. another chat template), only the tokens inside the region are chunked; a token
     that straddles the region's edge stays outside every chunk.
     """
-    cuts_a, cuts_b = valid_cuts(offsets_a), valid_cuts(offsets_b)
+    return _chunks(valid_cuts(offsets_a), valid_cuts(offsets_b), len(offsets_a), len(offsets_b),
+                   region=region, region_b=region_b)
+
+
+def _chunks(cuts_a: dict[int, int], cuts_b: dict[int, int], n_a: int, n_b: int, *,
+            region: Span | None = None, region_b: Span | None = None) -> list[Chunk]:
     if region is None:
         shift, lo, hi = 0, 0, max(cuts_a)
     else:
@@ -131,11 +135,11 @@ def chunks_from_offsets(offsets_a: Sequence[Span], offsets_b: Sequence[Span], *,
         if rb[1] - rb[0] != hi - lo:
             raise ValueError(f"regions {region} and {rb} have different lengths")
         shift = rb[0] - lo
-    common = [(cuts_a[c], cuts_b[c + shift]) for c in sorted(cuts_a)
+    common = [(t, cuts_b[c + shift]) for c, t in cuts_a.items()       # in increasing position
               if lo <= c <= hi and c + shift in cuts_b]
     if region is None:   # cover both sequences completely, whatever the edge offsets say
-        common = [(0, 0)] + [p for p in common if 0 < p[0] < len(offsets_a) and 0 < p[1] < len(offsets_b)]
-        common.append((len(offsets_a), len(offsets_b)))
+        common = [(0, 0)] + [p for p in common if 0 < p[0] < n_a and 0 < p[1] < n_b]
+        common.append((n_a, n_b))
     chunks: list[Chunk] = []
     for (a0, b0), (a1, b1) in zip(common, common[1:]):
         if a1 > a0 and b1 > b0:
@@ -189,12 +193,12 @@ class ChunkAligner:
         for text, (ids_a, off_a), (ids_b, off_b) in zip(texts, enc_a, enc_b):
             if bool(ids_a) != bool(ids_b):
                 raise ValueError(f"one tokenizer produced no tokens for {text[:40]!r}; cannot align")
-            chunks = chunks_from_offsets(off_a, off_b) if ids_a else []
-            ends = [max([e for s, e in off_a[a0:a1] if e > s] or [0]) for (a0, a1), _ in chunks]
-            ends = [max(ends[: k + 1]) for k in range(len(ends))]     # monotone (zero-width chunks)
-            paired = spelled_alike(text, ends, [(ids_a[a0:a1], ids_b[b0:b1]) for (a0, a1), (b0, b1) in chunks],
-                                   self.tokenizer_a, self.tokenizer_b)
-            out.append(AlignedText(ids_a, ids_b, chunks, paired, ends))
+            cuts_a, reach = _cuts_and_reach(off_a)
+            chunks = _chunks(cuts_a, valid_cuts(off_b), len(off_a), len(off_b)) if ids_a else []
+            # the chunks tile both sides from token 0, so a chunk ends at the furthest end of the
+            # tokens before its last one (monotone, also past zero-width tokens)
+            out.append(AlignedText(ids_a, ids_b, chunks, ends=[reach[a1] for (_, a1), _ in chunks]))
+        spelled_alike(texts, out, self.tokenizer_a, self.tokenizer_b)
         return out
 
 
@@ -202,20 +206,37 @@ def _squash(text: str) -> str:
     return "".join(text.split())
 
 
-def spelled_alike(text: str, ends: Sequence[int], pieces: Sequence[tuple[list[int], list[int]]],
-                  tokenizer_a: "PreTrainedTokenizerBase", tokenizer_b: "PreTrainedTokenizerBase") -> list[bool]:
-    """Per chunk: do both sides' tokens decode to the chunk's characters (whitespace aside)?
+def _spellings(tokenizer: "PreTrainedTokenizerBase", pieces: list[tuple[int, ...]]) -> list[str]:
+    """Each piece of token ids decoded on its own, whitespace removed; the same piece (" the",
+    "=", a number) recurs across a batch, so each distinct one is decoded once, in one Rust call."""
+    distinct = list(dict.fromkeys(pieces))
+    if not distinct:
+        return []
+    decoded = offsets_backend(tokenizer).decode_batch([list(p) for p in distinct], skip_special_tokens=False)
+    spelled = {p: _squash(d) for p, d in zip(distinct, decoded)}
+    return [spelled[p] for p in pieces]
+
+
+def spelled_alike(texts: Sequence[str], aligned: Sequence[AlignedText], tokenizer_a: "PreTrainedTokenizerBase",
+                  tokenizer_b: "PreTrainedTokenizerBase") -> None:
+    """Sets each text's `paired`: per chunk, do both sides' tokens decode to the chunk's
+    characters (whitespace aside)?
 
     Offsets map every token back to the original characters, so an <unk> or a token a lossy
     normalizer produced (lowercase, NFKC: "He" -> "he", "①" -> "1") still covers its span; only
-    decoding shows that the two likelihoods would be of different texts.
+    decoding shows that the two likelihoods would be of different texts. Each chunk is decoded
+    as a whole: decoders do not concatenate (a byte-level character split over tokens, a
+    SentencePiece word-start marker at the start of a string).
     """
-    if not pieces:
-        return []
-    dec_a = offsets_backend(tokenizer_a).decode_batch([a for a, _ in pieces], skip_special_tokens=False)
-    dec_b = offsets_backend(tokenizer_b).decode_batch([b for _, b in pieces], skip_special_tokens=False)
-    starts = [0, *ends[:-1]]
-    return [_squash(x) == _squash(text[s:e]) == _squash(y) for s, e, x, y in zip(starts, ends, dec_a, dec_b)]
+    spelled_a = iter(_spellings(tokenizer_a, [tuple(al.ids_a[a0:a1]) for al in aligned for (a0, a1), _ in al.chunks]))
+    spelled_b = iter(_spellings(tokenizer_b, [tuple(al.ids_b[b0:b1]) for al in aligned for _, (b0, b1) in al.chunks]))
+    for text, al in zip(texts, aligned):
+        paired, start = [], 0
+        for end, x, y in zip(al.ends, spelled_a, spelled_b):
+            piece = text[start:end]
+            paired.append(x == y and (piece == x or _squash(piece) == x))
+            start = end
+        al.paired = paired
 
 
 def merge_at_word_ends(text: str, al: AlignedText) -> AlignedText:
