@@ -15,12 +15,19 @@ then a `TeacherServerError` names the URL and what to do. After a SIGINT/SIGTERM
 retried and training waits on the server only `ABANDON_GRACE` seconds more (`abandon_waits`), so
 a frozen server cannot hold a stopping run past a scheduler's kill deadline. Only the standard
 library talks HTTP; torch is imported where tensors are built.
+
+The first contact (`connect`, before any weights load) is different: one short probe of
+`/v1/models`, so a wrong port, a silent process or a non-vLLM server fails in seconds with what
+was found, instead of after the retries; a server still loading its model (vLLM listens only once
+it is ready) is waited for only when `model.teacher_wait` says so, with a line every 15 s.
 """
 from __future__ import annotations
 
 import json
 import math
 import queue
+import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -35,10 +42,16 @@ if TYPE_CHECKING:
 
 PROBE_TEXT = "The answer is 42, naïve café: 3.14 + x_1\n"
 RETRY_HTTP = {408, 429, 500, 502, 503, 504}
+PROBE_TIMEOUT = 5.0      # a start-up probe's wait for /v1/models: a live vLLM answers in milliseconds
+PROGRESS_EVERY = 15.0    # seconds between "still waiting" lines while model.teacher_wait runs
 
 
 class TeacherServerError(ConnectionError):
     """The teacher server cannot be reached or refused a request."""
+
+
+class _NotUpYet(Exception):
+    """A start-up probe found no answer yet from a server that may still come up."""
 
 
 class TeacherWaitAbandoned(KeyboardInterrupt):
@@ -182,6 +195,74 @@ class ServedTeacher:
                "model.teacher_timeout_per_token x the batch's tokens: raise them for a slow server)"
                if slow else "")
             + "; check that it is running and reachable (llmkd serve-teacher CONFIG starts one)") from last
+
+    def connect(self, tokenizer: Any, wait: float = 0.0, field: str = "model.") -> None:
+        """First contact, before any weights load: `/v1/models` must answer like vLLM within a few
+        seconds, then the server must tokenize like the student. A server that is not up yet
+        (connection refused, silent, HTTP 502-504) is polled for up to `wait` seconds
+        (`teacher_wait`), saying so every `PROGRESS_EVERY` s; anything else fails at once. Errors
+        are one line naming `field` + teacher_server (e.g. model.teachers.chat.), what was found
+        and the fix."""
+        _check_seconds("teacher_wait", wait, positive=False)
+        started = time.monotonic()
+        said: float | None = None
+        while True:
+            try:
+                self._model = self._probe_models(field)
+                break
+            except _NotUpYet as err:
+                waited = time.monotonic() - started
+                if waited >= wait:
+                    after = f" after waiting {waited:.0f} s ({field}teacher_wait={wait:g})" if wait else ""
+                    raise TeacherServerError(
+                        f"{field}teacher_server={self.url}: {err}{after}; start the server (`llmkd "
+                        "serve-teacher CONFIG` on the teacher's machine), check the host and port, or, "
+                        "if it is still loading its model (vLLM listens only once ready), "
+                        f"{'raise' if wait else 'set'} {field}teacher_wait=SECONDS to wait for it") from None
+                if said is None or time.monotonic() - said >= PROGRESS_EVERY:
+                    print(f"llmkd: waiting up to {wait:g} s ({field}teacher_wait) for the teacher server "
+                          f"{self.url}: {err}; {waited:.0f} s so far", file=sys.stderr, flush=True)
+                    said = time.monotonic()
+                time.sleep(min(1.0, wait - waited))
+        self.check_tokenizer(tokenizer)
+
+    def _probe_models(self, field: str) -> dict[str, Any]:
+        """One GET /v1/models, no retries: the served model, `_NotUpYet` for a server that may
+        still come up, `TeacherServerError` for an address where no vLLM server will answer."""
+        parts = urllib.parse.urlsplit(self.url)
+        where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        wrong = f"{field}teacher_server={self.url}: "
+        fix = ("; check the host and port (those `llmkd serve-teacher` listens on) and that the URL "
+               "is the server's root")
+        timeout = min(PROBE_TIMEOUT, self.timeout)
+        try:
+            with urllib.request.urlopen(self.url + "/v1/models", timeout=timeout) as resp:
+                body, kind = resp.read(), resp.headers.get_content_type()
+        except urllib.error.HTTPError as err:
+            if err.code in (502, 503, 504):
+                raise _NotUpYet(f"it answers HTTP {err.code} (not ready)") from None
+            raise TeacherServerError(f"{wrong}GET /v1/models answered HTTP {err.code}: not a vLLM "
+                                     f"OpenAI server{fix}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            if isinstance(reason, socket.gaierror):
+                raise TeacherServerError(f"{wrong}host {parts.hostname!r} is unknown ({reason.strerror})"
+                                         f"{fix}") from None
+            if isinstance(reason, ConnectionRefusedError):
+                raise _NotUpYet(f"nothing listens on {where} (connection refused)") from None
+            if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                raise _NotUpYet(f"{where} accepts connections but did not answer GET /v1/models "
+                                f"within {timeout:g} s (a frozen process, or not an HTTP server)") from None
+            raise _NotUpYet(f"cannot reach {where} ({reason})") from None
+        try:
+            models = json.loads(body).get("data")
+            model = models[0]
+            model["id"]
+        except (ValueError, AttributeError, TypeError, IndexError, KeyError):
+            shown = body[:60].decode(errors="replace")
+            raise TeacherServerError(f"{wrong}GET /v1/models answered {kind} {shown!r}, not vLLM's "
+                                     f"model list: not a vLLM OpenAI server (or it serves no model){fix}") from None
+        return model
 
     def model_info(self) -> dict[str, Any]:
         """The served model's id and max_model_len (`/v1/models`, asked once)."""

@@ -10,7 +10,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
@@ -277,7 +279,7 @@ def generate_argv(**over) -> Callable[[Path], list[str]]:
     return make
 
 
-PORTS: list[socket.socket] = []   # ports held busy while a case runs
+PORTS: list[socket.socket | ThreadingHTTPServer] = []   # ports held busy (servers run) while a case runs
 
 
 def serve_on_a_busy_port(tmp: Path) -> list[str]:
@@ -286,6 +288,48 @@ def serve_on_a_busy_port(tmp: Path) -> list[str]:
     url = f"http://127.0.0.1:{held.getsockname()[1]}"
     (tmp / "serve.yaml").write_text(yaml.safe_dump({"model": {"teacher": TEACHER[0], "teacher_server": url}}))
     return ["serve-teacher", str(tmp / "serve.yaml")]
+
+
+class NotVllm(ThreadingHTTPServer):
+    """Answers every request with 200 and a web page: an HTTP server, but not vLLM."""
+
+    def __init__(self) -> None:
+        class Page(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", "18")
+                self.end_headers()
+                self.wfile.write(b"<html>hello</html>")
+
+        super().__init__(("127.0.0.1", 0), Page)
+        self.daemon_threads = True
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def served_by(kind: str) -> Callable[[Path, dict], None]:
+    """model.teacher_server (no model.teacher) at: nothing ('closed'), a socket that accepts
+    connections and never answers ('silent'; the kernel completes them without accept()), or
+    an HTTP server that is not vLLM ('not-vllm'). The probe waits 1 s (model.teacher_timeout)."""
+    def apply(tmp: Path, cfg: dict) -> None:
+        if kind == "closed":
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        else:
+            server = socket.create_server(("127.0.0.1", 0)) if kind == "silent" else NotVllm()
+            PORTS.append(server)
+            port = (server.getsockname() if kind == "silent" else server.server_address)[1]
+        cfg["model"].pop("teacher")
+        cfg["model"].update(teacher_server=f"http://127.0.0.1:{port}", teacher_timeout=1)
+    return apply
 
 
 STUDENT: list[str] = []   # the tiny student dir, for argv builders (set by the fixture)
@@ -497,6 +541,14 @@ CASES = {
                                       argv=generate_argv(topk=100000), light=False),
     "generate-unknown-engine-option": Case(("'engine.batch_sise'", "did you mean 'batch_size'"),
                                            argv=generate_argv(engine={"batch_sise": 4}), light=False),
+    # a served teacher: probed before any weights load, one short try (no retries)
+    "served-nothing-listens": Case(("model.teacher_server=http://127.0.0.1:", "nothing listens", "connection refused",
+                                    "llmkd serve-teacher", "set model.teacher_wait=SECONDS"),
+                                   served_by("closed"), light=False),
+    "served-silent": Case(("model.teacher_server=", "accepts connections but did not answer GET /v1/models within 1 s",
+                           "model.teacher_wait"), served_by("silent"), light=False),
+    "served-not-vllm": Case(("model.teacher_server=", "answered text/html '<html>hello</html>'",
+                             "not a vLLM OpenAI server", "check the host and port"), served_by("not-vllm"), light=False),
     "serve-teacher-port-in-use": Case(("cannot listen on 127.0.0.1:", "--port"), argv=serve_on_a_busy_port,
                                       light=False),
     "eval-out-under-a-file": Case(("out=", "is a regular file"),

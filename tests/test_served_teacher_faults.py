@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 class FrozenTeacher:
     """Answers the start-up calls like vLLM, then hangs on every /v1/completions."""
 
-    def __init__(self, tokens: list[int]) -> None:
+    def __init__(self, tokens: list[int], listening: bool = True) -> None:
         self.asked = threading.Event()      # a /v1/completions request arrived
         self.release = threading.Event()    # set at teardown: the stuck handlers return
         outer = self
@@ -54,14 +54,24 @@ class FrozenTeacher:
                 outer.asked.set()
                 outer.release.wait(600)     # frozen: the connection stays open, nothing is sent
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
         self.httpd.daemon_threads = True
+        self.httpd.server_bind()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.serving = False
+        if listening:
+            self.listen()
+
+    def listen(self) -> None:
+        """Until now the port was bound but not listening, as vLLM's while its model loads."""
+        self.httpd.server_activate()
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.serving = True
 
     def close(self) -> None:
         self.release.set()
-        self.httpd.shutdown()
+        if self.serving:
+            self.httpd.shutdown()
         self.httpd.server_close()
 
 
@@ -95,6 +105,44 @@ def test_a_frozen_server_fails_each_attempt_in_a_time_sized_by_the_batch(frozen)
         client.wait(pending)
     client.close()
     assert server_root("http://h:8000") == server_root("http://h:8000/v1") == "http://h:8000"
+
+
+@pytest.fixture
+def loading(tiny_pair):
+    """(server, tokenizer): a teacher server whose port is bound but not yet listening."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_pair[1])
+    server = FrozenTeacher(tok(PROBE_TEXT, add_special_tokens=False)["input_ids"], listening=False)
+    yield server, tok
+    server.close()
+
+
+def test_a_server_still_loading_fails_at_once_unless_teacher_wait_says_wait(loading, capsys):
+    server, tok = loading
+    with pytest.raises(TeacherServerError, match=r"^model.teacher_server=http://127.0.0.1:\d+: nothing listens "
+                                                 r"on 127.0.0.1:\d+ \(connection refused\); start the server .*"
+                                                 r"set model.teacher_wait=SECONDS"):
+        ServedTeacher(server.url, 5).connect(tok)
+    assert capsys.readouterr().err == ""        # no wait asked: no progress lines
+    with pytest.raises(TeacherServerError, match=r"model.teachers.chat.teacher_server=.* after waiting 2 s "
+                                                 r"\(model.teachers.chat.teacher_wait=1.5\).* raise "
+                                                 r"model.teachers.chat.teacher_wait"):
+        ServedTeacher(server.url, 5).connect(tok, 1.5, "model.teachers.chat.")
+    assert "llmkd: waiting up to 1.5 s (model.teachers.chat.teacher_wait) for the teacher server" in capsys.readouterr().err
+    timer = threading.Timer(2.0, server.listen)   # the model has loaded: vLLM starts listening
+    timer.start()
+    client = ServedTeacher(server.url, 5)
+    try:
+        client.connect(tok, 600)
+    finally:
+        timer.join()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("llmkd: waiting up to 600 s (model.teacher_wait) for the teacher "
+                                               f"server {server.url}: nothing listens on "), err
+    assert client.model_info() == {"id": "frozen", "max_model_len": 4096}
+    with pytest.raises(ValueError, match="config: model.teacher_wait=-1 must be a finite number of seconds >= 0"):
+        client.connect(tok, -1)
 
 
 def test_timeouts_are_checked(frozen):

@@ -152,7 +152,8 @@ class HFBackend:
             raise ValueError(f"a prompt of {width} tokens leaves no room to generate within "
                              f"max_model_len={self.max_model_len}")
         spec = dataclasses.replace(spec, max_new_tokens=max_new, seed=seed)
-        out = hf_generate(self.model, prompts, spec, pad_id=self.pad_id, eos_ids=self.eos_ids)
+        out = hf_generate(self.model, prompts, spec, pad_id=self.pad_id, eos_ids=self.eos_ids,
+                          vocab=len(self.tokenizer))
         for comps in out:
             for c in comps:
                 c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)

@@ -18,11 +18,13 @@ if TYPE_CHECKING:
 
 
 def hf_generate(model: "torch.nn.Module", prompts: list[list[int]], spec: SamplingSpec, *,
-                pad_id: int, eos_ids: set[int]) -> list[list[Completion]]:
+                pad_id: int, eos_ids: set[int], vocab: int | None = None) -> list[list[Completion]]:
     """`spec.n` completions per prompt (text left empty: the caller decodes if it needs it).
     Token ids run up to and including the first eos, at most `spec.max_new_tokens`; with
     `spec.logprobs`, the top-k of the raw (T=1) distribution per generated token.
-    Greedy with n > 1 generates once and copies."""
+    Greedy with n > 1 generates once and copies. `vocab` (the tokenizer's size): output rows
+    from it on (a padded vocab_size) are never sampled, and the top-k is the distribution over
+    the first `vocab` rows only, so no id the tokenizer cannot decode is returned."""
     import torch
     from transformers import GenerationConfig
 
@@ -36,8 +38,10 @@ def hf_generate(model: "torch.nn.Module", prompts: list[list[int]], spec: Sampli
     reps = 1 if spec.greedy else spec.n
     sampling = ({"do_sample": False} if spec.greedy else
                 {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p, "top_k": 0})
+    rows = model.get_output_embeddings().weight.shape[0] if vocab is not None else 0
+    padding = list(range(vocab, rows)) if vocab is not None and rows > vocab else None
     config = GenerationConfig(
-        **sampling, repetition_penalty=1.0, max_new_tokens=spec.max_new_tokens,
+        **sampling, suppress_tokens=padding, repetition_penalty=1.0, max_new_tokens=spec.max_new_tokens,
         num_return_sequences=reps, pad_token_id=pad_id, eos_token_id=sorted(eos_ids), use_cache=True,
         return_dict_in_generate=True, output_logits=bool(spec.logprobs))
     # generate() merges the model's own generation_config into ours where ours holds a default:
@@ -58,7 +62,7 @@ def hf_generate(model: "torch.nn.Module", prompts: list[list[int]], spec: Sampli
     new = out.sequences[:, width:].cpu()
     topv = topi = None
     if spec.logprobs:
-        logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)   # (B*n, T, V), raw T=1
+        logp = torch.stack(out.logits, dim=1)[..., :vocab].float().log_softmax(-1)   # (B*n, T, V), raw T=1
         topv, topi = (t.cpu() for t in logp.topk(spec.logprobs, dim=-1))
     comps: list[Completion] = []
     for r in range(new.shape[0]):

@@ -40,4 +40,4 @@ class Served(Teacher):
                               client=self.client)
 
     def check(self, student_tokenizer: PreTrainedTokenizerBase | None) -> None:
-        self.client.check_tokenizer(student_tokenizer)     # also the first contact: is it up?
+        self.client.check_tokenizer(student_tokenizer)

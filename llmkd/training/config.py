@@ -53,6 +53,7 @@ class ModelSpec:
     student_from: str | None = None    # with model.teachers: derive the student from this teacher
     teacher_timeout: float = 30.0      # teacher_server: seconds an attempt may take, plus ...
     teacher_timeout_per_token: float = 0.01   # ... this per token of the batch (then retries)
+    teacher_wait: float = 0.0          # teacher_server: seconds to wait at start-up for a server still loading
 
 
 @dataclass

@@ -151,6 +151,8 @@ def build_trainer(cfg: DistillationConfig):
     specs = teacher_specs(m)
     first = m.student_from if m.teachers else "teacher"
     student_tok = load_tokenizer(resolve_model_name(m.student if m.student is not None else specs[first].teacher))
+    clients = {name: _connect_served(name, spec, student_tok, several=bool(m.teachers))
+               for name, spec in specs.items() if spec.kind == "served"}
     methods = {}
     for name, spec in specs.items():
         own = load_tokenizer(resolve_model_name(spec.teacher)) if spec.kind == "live" else None
@@ -181,7 +183,7 @@ def build_trainer(cfg: DistillationConfig):
         check_lora_targets_early(cfg)
     monitor = build_monitor(cfg, student_tok)
     _start_zero3_comm()
-    teachers = {name: _load_teacher(name, spec, heads.get(name)) for name, spec in specs.items()}
+    teachers = {name: _load_teacher(name, spec, heads.get(name), clients.get(name)) for name, spec in specs.items()}
     student = build_models(cfg, teachers)
     teacher = TeacherSet(teachers, mix=method.mix, weights=method.weights) if mixed else teachers[next(iter(specs))]
     return DistillationTrainer(model=student, args=cfg, teacher=teacher, method=method,
@@ -303,14 +305,26 @@ def check_lora_targets_early(cfg: DistillationConfig) -> None:
     check_lora_targets(cfg.model.lora, [name for name, _ in skeleton.named_modules()])
 
 
-def _load_teacher(name: str, spec: TeacherSpec, head: tuple[Any, str] | None = None) -> Teacher:
-    """One teacher of the set, as its kind: a loaded model, a server client, or the rows' top-k."""
+def _connect_served(name: str, spec: TeacherSpec, student_tok: PreTrainedTokenizerBase, *,
+                    several: bool) -> Any:
+    """A served teacher's client, in contact with its server before anything else loads: a wrong
+    URL or a silent server costs seconds, not a model load and minutes of retries."""
+    from llmkd.teacher_server import ServedTeacher
+
+    client = ServedTeacher(spec.teacher_server, spec.teacher_topk, timeout=spec.teacher_timeout,
+                           timeout_per_token=spec.teacher_timeout_per_token)
+    client.connect(student_tok, spec.teacher_wait, f"model.teachers.{name}." if several else "model.")
+    return client
+
+
+def _load_teacher(name: str, spec: TeacherSpec, head: tuple[Any, str] | None = None,
+                  client: Any = None) -> Teacher:
+    """One teacher of the set, as its kind: a loaded model, a server client (`client`, from
+    `_connect_served`), or the rows' top-k."""
     if spec.kind == "served":
-        from llmkd.teacher_server import ServedTeacher
         from llmkd.teachers.served import Served
 
-        return Served(ServedTeacher(spec.teacher_server, spec.teacher_topk, timeout=spec.teacher_timeout,
-                                   timeout_per_token=spec.teacher_timeout_per_token), name=name)
+        return Served(client, name=name)
     if spec.kind == "offline":
         from llmkd.teachers.offline import Offline
 

@@ -35,6 +35,7 @@ class TeacherSpec:
     teacher_dtype: str = "float32"
     teacher_timeout: float = 30.0       # served: seconds an attempt may take, plus ...
     teacher_timeout_per_token: float = 0.01   # ... this per token of the batch (then retries)
+    teacher_wait: float = 0.0           # served: seconds to wait at start-up for a server still loading
     weight: float = 1.0                 # teacher_mix=mean: its share of the mixture
     offload: str | None = None          # cpu: kept in host memory, on the device only for its rows
     method: dict | None = None          # this teacher's method keys over the method section (e.g.
@@ -50,7 +51,7 @@ def teacher_specs(model: Any) -> dict[str, TeacherSpec]:
     if not model.teachers:
         return {"teacher": TeacherSpec(model.teacher, model.teacher_mode, model.teacher_server,
                                        model.teacher_topk, model.teacher_dtype, model.teacher_timeout,
-                                       model.teacher_timeout_per_token)}
+                                       model.teacher_timeout_per_token, model.teacher_wait)}
     if not isinstance(model.teachers, dict):
         raise ValueError(f"config: model.teachers must map names to teachers, found {model.teachers!r}; "
                          "e.g. {math: {teacher: DIR}, chat: {teacher_server: http://host:8000}}")
