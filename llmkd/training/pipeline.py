@@ -176,6 +176,11 @@ def build_trainer(cfg: DistillationConfig):
                 heads[name] = offline_head(source.path, methods[name], len(student_tok))   # targets=hidden dirs
             split = build_datasets(cfg, own, source, teacher=only)
             parts.append(tuple(tag(ds, name) for ds in split) if mixed else split)
+    for name, spec in specs.items():
+        if spec.kind == "served" and spec.teacher_targets == "hidden":
+            from llmkd.generation.hidden import served_head
+
+            heads[name] = served_head(spec.teacher_head, methods[name], len(student_tok))
     train, evals = (parts[0][i] if len(parts) == 1 else concat([p[i] for p in parts]) for i in (0, 1))
     if m.lora:
         check_lora_targets_early(cfg)
@@ -310,7 +315,8 @@ def _load_teacher(name: str, spec: TeacherSpec, head: tuple[Any, str] | None = N
         from llmkd.teachers.served import Served
 
         return Served(ServedTeacher(spec.teacher_server, spec.teacher_topk, timeout=spec.teacher_timeout,
-                                   timeout_per_token=spec.teacher_timeout_per_token), name=name)
+                                   timeout_per_token=spec.teacher_timeout_per_token,
+                                   targets=spec.teacher_targets, dtype=spec.teacher_dtype), name=name, head=head)
     if spec.kind == "offline":
         from llmkd.teachers.offline import Offline
 
