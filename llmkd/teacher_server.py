@@ -300,9 +300,7 @@ class ServedTeacher:
     def _topk_rows(self, seqs: list[list[int]], positions: list[list[int]], timeout: float
                    ) -> list[list[tuple[list[int], list[float]]]]:
         """One request for a few sequences: per sequence, (ids, log-probs) at each wanted position."""
-        reply = self._request("/v1/completions", {
-            "model": self.model_info()["id"], "prompt": seqs, "max_tokens": 1, "temperature": 0.0,
-            "prompt_logprobs": self.topk}, timeout)
+        reply = self._request(*self.payload(seqs), timeout)
         choices = sorted(reply["choices"], key=lambda c: c["index"])
         if len(choices) != len(seqs):
             raise TeacherServerError(f"teacher server {self.url} answered {len(choices)} of "
@@ -319,6 +317,15 @@ class ServedTeacher:
             out.append(rows)
         return out
 
+    def payload(self, seqs: list[list[int]]) -> tuple[str, dict[str, Any]]:
+        """(route, request body) asking for the targets of a few token-id sequences."""
+        if self.targets == "hidden":
+            return "/pooling", {"model": self.model_info()["id"], "input": seqs, "task": "token_embed",
+                                "encoding_format": "base64", "embed_dtype": self.dtype, "endianness": "little",
+                                "add_special_tokens": False}
+        return "/v1/completions", {"model": self.model_info()["id"], "prompt": seqs, "max_tokens": 1,
+                                   "temperature": 0.0, "prompt_logprobs": self.topk}
+
     def _hidden_rows(self, seqs: list[list[int]], timeout: float) -> list[torch.Tensor]:
         """One `/pooling` request for a few sequences: per sequence, its (n, H) final hidden states
         (base64 of raw little-endian values in the teacher's dtype; JSON floats would be ~3x)."""
@@ -326,10 +333,7 @@ class ServedTeacher:
 
         import torch
 
-        reply = self._request("/pooling", {
-            "model": self.model_info()["id"], "input": seqs, "task": "token_embed",
-            "encoding_format": "base64", "embed_dtype": self.dtype, "endianness": "little",
-            "add_special_tokens": False}, timeout)
+        reply = self._request(*self.payload(seqs), timeout)
         items = sorted(reply.get("data") or [], key=lambda d: d["index"])
         if len(items) != len(seqs):
             raise TeacherServerError(f"teacher server {self.url} answered {len(items)} of "
