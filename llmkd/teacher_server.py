@@ -11,7 +11,13 @@ the student's forward (`submit` returns at once) and a request stuck on a frozen
 keeps the process alive at exit. Each attempt may take `timeout` seconds plus
 `timeout_per_token` per token of the batch (a frozen server fails in seconds, a big batch still
 gets its time); a failing server is retried with exponential backoff, a bounded number of times,
-then a `TeacherServerError` names the URL and what to do. After a SIGINT/SIGTERM, no request is
+then a `TeacherServerError` names the URL and what to do.
+
+With `model.teacher_targets: hidden` the server is vLLM's pooling runner instead (`llmkd
+serve-teacher` starts it so): `/pooling` with task `token_embed` returns the teacher's final,
+post-norm hidden state at every position, and the trainer applies the teacher's output head
+(`model.teacher_head`) chunk by chunk, as for hidden states stored by `llmkd generate`: exact
+full-vocabulary targets from a teacher that runs elsewhere. After a SIGINT/SIGTERM, no request is
 retried and training waits on the server only `ABANDON_GRACE` seconds more (`abandon_waits`), so
 a frozen server cannot hold a stopping run past a scheduler's kill deadline. Only the standard
 library talks HTTP; torch is imported where tensors are built.
@@ -44,6 +50,8 @@ PROBE_TEXT = "The answer is 42, naïve café: 3.14 + x_1\n"
 RETRY_HTTP = {408, 429, 500, 502, 503, 504}
 PROBE_TIMEOUT = 5.0      # a start-up probe's wait for /v1/models: a live vLLM answers in milliseconds
 PROGRESS_EVERY = 15.0    # seconds between "still waiting" lines while model.teacher_wait runs
+TARGETS = ("topk", "hidden")
+WIRE_DTYPES = ("float32", "bfloat16", "float16")     # hidden states travel in the teacher's dtype
 
 
 class TeacherServerError(ConnectionError):
@@ -72,14 +80,21 @@ def _abandoned(grace: float = 0.0) -> bool:
     return bool(_abandoned_at) and time.monotonic() - _abandoned_at[0] >= grace
 
 
-def check_teacher_server(url: str, topk: int) -> None:
-    """Config-time checks (no network): an http(s) URL with a host, and k >= 1."""
+def check_teacher_server(url: str, topk: int, targets: str = "topk", head: str | None = None) -> None:
+    """Config-time checks (no network): an http(s) URL with a host, k >= 1, known targets, and
+    for hidden targets the head file's path."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"config: model.teacher_server={url!r} is not an http(s) URL; give the "
                          "vLLM server's address, e.g. http://teacher-node:8000")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise ValueError(f"config: model.teacher_topk={topk!r} must be an integer >= 1 (e.g. 20)")
+    if targets not in TARGETS:
+        raise ValueError(f"config: model.teacher_targets={targets!r} is unknown; use topk (log-probs) "
+                         "or hidden (final hidden states from vLLM's pooling runner)")
+    if targets == "hidden" and not head:
+        raise ValueError("config: model.teacher_targets=hidden needs model.teacher_head: the path of the "
+                         "teacher_head.safetensors that `llmkd serve-teacher CONFIG` writes")
 
 
 def server_root(url: str) -> str:
@@ -142,8 +157,11 @@ class ServedTeacher:
 
     def __init__(self, url: str, topk: int = 20, *, timeout: float = 30.0, timeout_per_token: float = 0.01,
                  retries: int = 5, backoff: float = 1.0, concurrency: int = 4,
-                 sequences_per_request: int = 8) -> None:
+                 sequences_per_request: int = 8, targets: str = "topk", dtype: str = "float32") -> None:
         check_teacher_server(url, topk)
+        if targets not in TARGETS or dtype not in WIRE_DTYPES:
+            raise ValueError(f"targets={targets!r} / dtype={dtype!r}: use one of {TARGETS} / {WIRE_DTYPES}")
+        self.targets, self.dtype = targets, dtype
         _check_seconds("teacher_timeout", timeout, positive=True)
         _check_seconds("teacher_timeout_per_token", timeout_per_token, positive=False)
         self.url = server_root(url)
@@ -179,9 +197,7 @@ class ServedTeacher:
             except urllib.error.HTTPError as err:
                 body = err.read().decode(errors="replace")[:500]
                 if err.code not in RETRY_HTTP:
-                    hint = (f"; the server allows fewer log-probs than model.teacher_topk={self.topk}: "
-                            f"start it with --max-logprobs {self.topk} (llmkd serve-teacher does)"
-                            if "logprobs" in body else "")
+                    hint = self._hint(path, err.code, body)
                     raise TeacherServerError(f"teacher server {self.url} refused {path} "
                                              f"(HTTP {err.code}: {body}){hint}") from err
                 last = err
@@ -264,6 +280,21 @@ class ServedTeacher:
                                      f"model list: not a vLLM OpenAI server (or it serves no model){fix}") from None
         return model
 
+    def _hint(self, path: str, code: int, body: str) -> str:
+        """What to do about a refused request, where the server's own message does not say."""
+        if path == "/pooling":
+            return ("; the server does not serve hidden states: start it with `llmkd serve-teacher CONFIG "
+                    "--set model.teacher_targets=hidden` (vLLM's pooling runner), or set "
+                    "model.teacher_targets=topk" if code == 404 or "pooling_task" in body else "")
+        if path == "/v1/completions" and code == 404:
+            return ("; the server serves hidden states (vLLM's pooling runner), not log-probs: set "
+                    "model.teacher_targets=hidden and model.teacher_head, or restart it with "
+                    "model.teacher_targets=topk")
+        if "logprobs" in body:
+            return (f"; the server allows fewer log-probs than model.teacher_topk={self.topk}: "
+                    f"start it with --max-logprobs {self.topk} (llmkd serve-teacher does)")
+        return ""
+
     def model_info(self) -> dict[str, Any]:
         """The served model's id and max_model_len (`/v1/models`, asked once)."""
         if self._model is None:
@@ -284,16 +315,31 @@ class ServedTeacher:
                              f"the student ({served[:8]}... vs {ours[:8]}...); token-level KD needs one "
                              "shared tokenizer")
 
-    # -- top-k log-probs ------------------------------------------------------------------------
+    def check_hidden(self, tokenizer: Any, width: int) -> None:
+        """Hidden targets: the server answers `/pooling` (it runs the pooling runner, else one
+        line saying how to start it) with states as wide as the teacher head's (`width`)."""
+        ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        states = self._hidden_rows([ids], self.timeout)[0]
+        if states.shape[-1] != width:
+            raise ValueError(f"the teacher at model.teacher_server={self.url} returns hidden states of "
+                             f"width {states.shape[-1]} but model.teacher_head has {width} columns; the "
+                             "head file belongs to another teacher: rewrite it with `llmkd serve-teacher` "
+                             "for the served model")
+
+    # -- top-k log-probs or hidden states -------------------------------------------------------
     def submit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                labels: torch.Tensor) -> Future:
-        """Start the requests for a right-padded batch; the Future gives (ids, log-probs), each
-        (B, S, k), with the teacher's top-k for the token at each label position (the
-        distribution that predicts it), as the offline top-k columns lay them."""
+        """Start the requests for a right-padded batch. Top-k: the Future gives (ids, log-probs),
+        each (B, S, k), with the teacher's top-k for the token at each label position (the
+        distribution that predicts it), as the offline top-k columns lay them. Hidden: it gives
+        (B, S, H) float32 states, position j holding the state whose logits predict token j + 1
+        (only up to each row's last label is asked for; the rest is zeros, masked by the loss)."""
         lengths = attention_mask.sum(-1).tolist()
-        seqs = [row[:n].tolist() for row, n in zip(input_ids.cpu(), lengths)]
         positions = [[j for j in range(n) if lab[j] != -100 and j > 0]
                      for lab, n in zip(labels.cpu().tolist(), lengths)]
+        if self.targets == "hidden":     # states at 0 .. last label - 1 predict every label
+            lengths = [max(wanted, default=1) for wanted in positions]
+        seqs = [row[:n].tolist() for row, n in zip(input_ids.cpu(), lengths)]
         limit = self.model_info().get("max_model_len")
         if limit is not None and max(lengths, default=0) + 1 > limit:
             raise ValueError(f"a sequence of {max(lengths)} tokens does not fit the teacher server's "
@@ -301,8 +347,12 @@ class ServedTeacher:
                              "a larger --max-model-len or lower data.max_length")
         step = self.sequences_per_request
         timeout = self.timeout + self.timeout_per_token * sum(lengths)
-        parts = [self._pool.submit(self._topk_rows, seqs[i:i + step], positions[i:i + step], timeout)
-                 for i in range(0, len(seqs), step)]
+        if self.targets == "hidden":
+            parts = [self._pool.submit(self._hidden_rows, seqs[i:i + step], timeout)
+                     for i in range(0, len(seqs), step)]
+        else:
+            parts = [self._pool.submit(self._topk_rows, seqs[i:i + step], positions[i:i + step], timeout)
+                     for i in range(0, len(seqs), step)]
         out: Future = Future()
         shape = tuple(input_ids.shape)
 
@@ -311,7 +361,8 @@ class ServedTeacher:
                 return
             try:
                 rows = [r for p in parts for r in p.result()]
-                out.set_result(self._tensors(rows, positions, shape))
+                out.set_result(self._states(rows, shape) if self.targets == "hidden"
+                               else self._tensors(rows, positions, shape))
             except BaseException as err:   # noqa: BLE001 - handed to the caller's result()
                 out.set_exception(err)
 
@@ -330,9 +381,7 @@ class ServedTeacher:
     def _topk_rows(self, seqs: list[list[int]], positions: list[list[int]], timeout: float
                    ) -> list[list[tuple[list[int], list[float]]]]:
         """One request for a few sequences: per sequence, (ids, log-probs) at each wanted position."""
-        reply = self._request("/v1/completions", {
-            "model": self.model_info()["id"], "prompt": seqs, "max_tokens": 1, "temperature": 0.0,
-            "prompt_logprobs": self.topk}, timeout)
+        reply = self._request(*self.payload(seqs), timeout)
         choices = sorted(reply["choices"], key=lambda c: c["index"])
         if len(choices) != len(seqs):
             raise TeacherServerError(f"teacher server {self.url} answered {len(choices)} of "
@@ -347,6 +396,42 @@ class ServedTeacher:
                                  if v["rank"] <= self.topk)[:self.topk]
                 rows.append(([t for _, _, t in entries], [-nlp for _, nlp, _ in entries]))
             out.append(rows)
+        return out
+
+    def payload(self, seqs: list[list[int]]) -> tuple[str, dict[str, Any]]:
+        """(route, request body) asking for the targets of a few token-id sequences."""
+        if self.targets == "hidden":
+            return "/pooling", {"model": self.model_info()["id"], "input": seqs, "task": "token_embed",
+                                "encoding_format": "base64", "embed_dtype": self.dtype, "endianness": "little",
+                                "add_special_tokens": False}
+        return "/v1/completions", {"model": self.model_info()["id"], "prompt": seqs, "max_tokens": 1,
+                                   "temperature": 0.0, "prompt_logprobs": self.topk}
+
+    def _hidden_rows(self, seqs: list[list[int]], timeout: float) -> list[torch.Tensor]:
+        """One `/pooling` request for a few sequences: per sequence, its (n, H) final hidden states
+        (base64 of raw little-endian values in the teacher's dtype; JSON floats would be ~3x)."""
+        import base64
+
+        import torch
+
+        reply = self._request(*self.payload(seqs), timeout)
+        items = sorted(reply.get("data") or [], key=lambda d: d["index"])
+        if len(items) != len(seqs):
+            raise TeacherServerError(f"teacher server {self.url} answered {len(items)} of "
+                                     f"{len(seqs)} sequences")
+        out = []
+        for item, seq in zip(items, seqs):
+            raw = bytearray(base64.b64decode(item["data"]))
+            out.append(torch.frombuffer(raw, dtype=getattr(torch, self.dtype)).view(len(seq), -1).float())
+        return out
+
+    def _states(self, rows: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        import torch
+
+        b, s = shape
+        out = torch.zeros((b, s, rows[0].shape[-1] if rows else 0), dtype=torch.float32)
+        for i, states in enumerate(rows):
+            out[i, :len(states)] = states
         return out
 
     def _tensors(self, rows: list[list[tuple[list[int], list[float]]]], positions: list[list[int]],

@@ -7,10 +7,15 @@ the host and port of `model.teacher_server` (a hostname binds to that machine's 
 --host / --port say otherwise, allows `model.teacher_topk` log-probs per position, and fits
 sequences of `data.max_length` tokens (+ the one generated), or as many as the model has positions. On CPU it runs eager with an explicit KV-cache size (it
 refuses to start otherwise); on GPUs it takes --gpu-memory-utilization and --tensor-parallel-size.
+
+With `model.teacher_targets: hidden` it starts vLLM's pooling runner instead, returning the
+teacher's final hidden state at every position (`/pooling`, task token_embed), and first writes
+the teacher's output head to `model.teacher_head` (the trainer applies it to those states).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import socket
@@ -40,8 +45,11 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_serve_teacher)
 
 
-def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str]:
-    """(argv, environment, URL) of the vLLM server for `args.config`."""
+POOLER = {"task": "token_embed", "tok_pooling_type": "ALL", "use_activation": False}   # raw states, every token
+
+
+def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str], str, Any]:
+    """(argv, environment, URL, the config's ModelSpec) of the vLLM server for `args.config`."""
     from llmkd.training.config import DataSpec, ModelSpec
     from llmkd.yaml_reader import apply_overrides, read_yaml_mapping
     from llmkd.validation import check_keys, coerce
@@ -58,7 +66,7 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str],
     url = model.teacher_server or f"http://127.0.0.1:{DEFAULT_PORT}"
     from llmkd.teacher_server import check_teacher_server
 
-    check_teacher_server(url, model.teacher_topk)
+    check_teacher_server(url, model.teacher_topk, model.teacher_targets, model.teacher_head)
     parts = urllib.parse.urlsplit(url)
     host = args.host or parts.hostname
     port = args.port or parts.port or DEFAULT_PORT
@@ -68,9 +76,11 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str],
     max_len = min(data.max_length + 1, positions or data.max_length + 1)   # the request generates one
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
             "--host", host, "--port", str(port), "--dtype", model.teacher_dtype,
-            "--max-logprobs", str(max(model.teacher_topk, 20)),
-            "--max-model-len", str(max_len),
-            "--generation-config", "vllm", "--disable-uvicorn-access-log"]
+            "--max-model-len", str(max_len), "--disable-uvicorn-access-log"]
+    if model.teacher_targets == "hidden":
+        argv += ["--runner", "pooling", "--convert", "embed", "--pooler-config", json.dumps(POOLER)]
+    else:
+        argv += ["--max-logprobs", str(max(model.teacher_topk, 20)), "--generation-config", "vllm"]
     env = dict(os.environ)
     env.setdefault("VLLM_CACHE_ROOT", str(Path("~/.cache/llmkd/vllm").expanduser()))
     if _has_gpu():
@@ -82,16 +92,20 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str],
         if args.tensor_parallel_size != 1:
             argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     argv += shlex.split(args.vllm_args)
-    return argv, env, f"{parts.scheme}://{parts.hostname}:{port}"
+    return argv, env, f"{parts.scheme}://{parts.hostname}:{port}", model
 
 
 def cmd_serve_teacher(args: argparse.Namespace) -> int:
-    argv, env, url = server_command(args)
+    argv, env, url, model = server_command(args)
     command = shlex.join(argv)
     if args.dry_run:
         print(command)
         return 0
     _check_port_free(argv[argv.index("--host") + 1], int(argv[argv.index("--port") + 1]))
+    if model.teacher_targets == "hidden":
+        path = _write_head(argv[argv.index("--model") + 1], model.teacher_head, model.teacher_dtype)
+        print(f"[llmkd] wrote the teacher's output head to {path} (model.teacher_head: the trainer "
+              "reads it; copy it to the training machine if it is not shared)", file=sys.stderr, flush=True)
     print(f"[llmkd] serving the teacher for model.teacher_server={url}\n+ {command}", file=sys.stderr,
           flush=True)
     os.execve(argv[0], argv, env)     # the server replaces this process: signals reach it
@@ -103,6 +117,21 @@ def _model_dir(teacher: str) -> str:
     from llmkd.models.embedded import resolve_model_name
 
     return str(Path(check_model_dir(resolve_model_name(teacher))).resolve())
+
+
+def _write_head(model_dir: str, path: str, dtype: str) -> Path:
+    """The teacher's output head as `llmkd generate` stores it (one CPU load of the teacher,
+    freed when the server replaces this process)."""
+    from llmkd.generation.hidden import write_head
+    from llmkd.models.student import load_causal_lm
+    from llmkd.training.pipeline import load_tokenizer
+
+    target = Path(path).expanduser()
+    if not target.parent.is_dir():
+        raise ValueError(f"config: model.teacher_head={path!r}: its folder does not exist; create it "
+                         "or choose another path")
+    return write_head(load_causal_lm(model_dir, dtype=dtype), target, vocab=len(load_tokenizer(model_dir)),
+                      hidden_dtype=dtype)
 
 
 def _has_gpu() -> bool:

@@ -75,6 +75,12 @@ def hidden_rows(model: Any, prompt: list[int], responses: list[list[int]], dtype
 
 def save_head(model: Any, out_dir: str | Path, *, vocab: int, hidden_dtype: str) -> Path:
     """Write the teacher's `LMHead` (as `lm_head_of` reads it) beside the manifest, atomically."""
+    return write_head(model, head_path(out_dir), vocab=vocab, hidden_dtype=hidden_dtype)
+
+
+def write_head(model: Any, path: str | Path, *, vocab: int, hidden_dtype: str) -> Path:
+    """Write the teacher's `LMHead` to `path` (temp + rename): a generated dir's, or the one a
+    served teacher's trainer reads (`model.teacher_head`, written by `llmkd serve-teacher`)."""
     from safetensors.torch import save_file
 
     from llmkd.models.head import lm_head_of
@@ -88,8 +94,8 @@ def save_head(model: Any, out_dir: str | Path, *, vocab: int, hidden_dtype: str)
         tensors["bias"] = head.bias.detach().cpu().contiguous()
     meta = {"scale": json.dumps(head.scale), "softcap": json.dumps(head.softcap),
             "vocab": str(vocab), "hidden_dtype": hidden_dtype}
-    path = head_path(out_dir)
-    tmp = path.with_name(f"{HEAD_FILE}.tmp-{os.getpid()}")
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
@@ -98,13 +104,20 @@ def save_head(model: Any, out_dir: str | Path, *, vocab: int, hidden_dtype: str)
 def check_head(data_dir: str | Path, vocab: int) -> None:
     """One-line errors, before any weights load, for a hidden-state dir whose head file is
     missing or whose vocabulary is not the student's (`vocab` = the student tokenizer's size)."""
+    check_head_file(head_path(data_dir), vocab, missing=(
+        f"data.path={str(data_dir)!r} holds teacher hidden states but no {HEAD_FILE}; the output head "
+        "is written by `llmkd generate` with targets=hidden: regenerate the dir, or copy the head "
+        "file back beside manifest.json"))
+
+
+def check_head_file(path: str | Path, vocab: int, *, missing: str) -> None:
+    """The `missing` error when there is no file at `path`; one line when its vocabulary is not
+    the student's."""
     from safetensors import safe_open
 
-    path = Path(data_dir) / HEAD_FILE
-    if not path.exists():
-        raise ValueError(f"data.path={str(data_dir)!r} holds teacher hidden states but no {HEAD_FILE}; "
-                         "the output head is written by `llmkd generate` with targets=hidden: "
-                         "regenerate the dir, or copy the head file back beside manifest.json")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(missing)
     with safe_open(str(path), framework="pt") as f:
         rows = f.get_slice("weight").get_shape()[0]
         meta = f.metadata() or {}
@@ -117,17 +130,28 @@ def check_head(data_dir: str | Path, vocab: int) -> None:
 
 def load_head(data_dir: str | Path, vocab: int) -> tuple[LMHead, str]:
     """(the stored head restricted to `vocab` rows, the hidden states' dtype name)."""
+    check_head(data_dir, vocab)
+    return read_head(head_path(data_dir), vocab)
+
+
+def read_head(path: str | Path, vocab: int) -> tuple[LMHead, str]:
+    """A checked head file as (its `LMHead` restricted to `vocab` rows, the states' dtype name)."""
     from safetensors import safe_open
 
     from llmkd.models.head import LMHead
 
-    check_head(data_dir, vocab)
-    with safe_open(str(Path(data_dir) / HEAD_FILE), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         bias = f.get_tensor("bias") if "bias" in f.keys() else None
         head = LMHead(weight=f.get_tensor("weight"), bias=bias, scale=float(json.loads(meta["scale"])),
                       softcap=json.loads(meta["softcap"]))
     return head.rows(vocab), meta.get("hidden_dtype", "bfloat16")
+
+
+def _token_kd_only(method: Any, where: str) -> None:
+    if method.name != "token_kd":
+        raise ValueError(f"{where} holds teacher hidden states, which method {method.name!r} does not "
+                         "read; use method.name=token_kd, or top-k targets")
 
 
 def offline_head(data_dir: str | Path, method: Any, vocab: int) -> tuple[LMHead, str] | None:
@@ -137,7 +161,16 @@ def offline_head(data_dir: str | Path, method: Any, vocab: int) -> tuple[LMHead,
 
     if read_manifest(data_dir).get("config", {}).get("targets", "topk") != "hidden":
         return None
-    if method.name != "token_kd":
-        raise ValueError(f"data.path={str(data_dir)!r} holds teacher hidden states, which method "
-                         f"{method.name!r} does not read; use method.name=token_kd, or top-k targets")
+    _token_kd_only(method, f"data.path={str(data_dir)!r}")
     return load_head(data_dir, vocab)
+
+
+def served_head(path: str | Path, method: Any, vocab: int) -> tuple[LMHead, str]:
+    """For a served teacher with teacher_targets=hidden: the head file `model.teacher_head` names,
+    checked (one-line errors, before any weights load)."""
+    _token_kd_only(method, f"model.teacher_server with teacher_targets=hidden (model.teacher_head={str(path)!r})")
+    check_head_file(path, vocab, missing=(
+        f"config: model.teacher_head={str(path)!r} does not exist; `llmkd serve-teacher CONFIG` writes "
+        "the teacher's output head there when model.teacher_targets=hidden: run it (or copy the file "
+        "from the teacher's machine) before training"))
+    return read_head(path, vocab)

@@ -3,7 +3,8 @@ sequence-level (teacher samples), any divergence of `llmkd.losses`, optional CE 
 
 The teacher is any kind of `llmkd.teachers.Teacher`: live (a model run on the same batch),
 offline (top-k log-probs that `llmkd generate` wrote) or served (top-k log-probs from a vLLM
-server, `model.teacher_server`); the sparse loss with a tail bucket is used for the last two.
+server, `model.teacher_server`); the sparse loss with a tail bucket is used for the last two,
+unless they give the teacher's hidden states + output head (`targets: hidden`, either kind).
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ the sparse loss puts in a tail bucket), whatever its kind:
 
 - `live`: a model in this process (`llmkd.teachers.live.Live`);
 - `offline`: top-k columns `llmkd generate` wrote into the rows (`llmkd.teachers.offline.Offline`);
-- `served`: top-k from a vLLM server (`llmkd.teachers.served.Served`, over `llmkd.teacher_server`).
+- `served`: top-k or final hidden states from a vLLM server (`llmkd.teachers.served.Served`, over
+  `llmkd.teacher_server`).
 
 What a method can use is declared once, in its Params (`MethodParams.unsupported_teachers`), and
 checked by `check_teacher_kind` at config time (before weights load) and again on attach.

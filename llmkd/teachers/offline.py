@@ -35,15 +35,21 @@ def offline_hidden(batch: dict[str, torch.Tensor], head: Any, dtype: str) -> Hea
     import torch
 
     from llmkd.data.hidden import COLUMN
-    from llmkd.models.output import HeadOutput
 
     if COLUMN not in batch:
         raise ValueError("model.teacher_mode=offline with a teacher head but the data has no "
                          f"{COLUMN} column; point data.path at an `llmkd generate` dir made with "
                          "targets=hidden")
-    bits = batch[COLUMN]
-    if head.weight.device != bits.device:
-        head.weight = head.weight.to(bits.device)
-        head.bias = None if head.bias is None else head.bias.to(bits.device)
+    return head_output(batch[COLUMN].view(getattr(torch, dtype)), head)
+
+
+def head_output(states: torch.Tensor, head: Any) -> HeadOutput:
+    """Teacher hidden states (stored or served) with the teacher's head, on the states' device:
+    the chunked loss then applies the head a chunk at a time (exact full-vocabulary targets)."""
+    from llmkd.models.output import HeadOutput
+
+    if head.weight.device != states.device:
+        head.weight = head.weight.to(states.device)
+        head.bias = None if head.bias is None else head.bias.to(states.device)
     # in the head's dtype: (B, S, H) is small, and full-logits paths (ce_weight > 0) need one dtype
-    return HeadOutput(hidden=bits.view(getattr(torch, dtype)).to(head.weight.dtype), head=head)
+    return HeadOutput(hidden=states.to(head.weight.dtype), head=head)

@@ -49,6 +49,8 @@ class ModelSpec:
     lora: dict | None = None           # peft LoraConfig fields -> train a LoRA adapter
     teacher_server: str | None = None  # http://host:port of a vLLM server with the teacher (llmkd serve-teacher)
     teacher_topk: int = 20             # teacher_server: top-k log-probs per position (the sparse loss's k)
+    teacher_targets: str = "topk"      # teacher_server: topk | hidden (final hidden states, vLLM pooling runner)
+    teacher_head: str | None = None    # teacher_targets=hidden: teacher_head.safetensors (llmkd serve-teacher writes it)
     teachers: dict | None = None       # several teachers: name -> {teacher | teacher_server | teacher_mode, ...}
     student_from: str | None = None    # with model.teachers: derive the student from this teacher
     teacher_timeout: float = 30.0      # teacher_server: seconds an attempt may take, plus ...
@@ -195,6 +197,9 @@ def _check_model(m: ModelSpec) -> None:
     if m.teacher_server and not str(m.teacher_server).startswith(("http://", "https://")):
         raise ValueError(f"config: model.teacher_server={m.teacher_server!r}; give the server's URL, "
                          "e.g. http://teacher-node:8000 (started by `llmkd serve-teacher CONFIG`)")
+    from llmkd.training.teachers import check_served_targets
+
+    check_served_targets("model.", m)
     for role, value in (("teacher", m.teacher), ("student", m.student)):
         if value is None or value == "embedded":   # llmkd converts and checks its own teacher
             continue

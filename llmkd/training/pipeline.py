@@ -178,6 +178,11 @@ def build_trainer(cfg: DistillationConfig):
                 heads[name] = offline_head(source.path, methods[name], len(student_tok))   # targets=hidden dirs
             split = build_datasets(cfg, own, source, teacher=only)
             parts.append(tuple(tag(ds, name) for ds in split) if mixed else split)
+    for name, spec in specs.items():
+        if spec.kind == "served" and spec.teacher_targets == "hidden":
+            from llmkd.generation.hidden import served_head
+
+            heads[name] = served_head(spec.teacher_head, methods[name], len(student_tok))
     train, evals = (parts[0][i] if len(parts) == 1 else concat([p[i] for p in parts]) for i in (0, 1))
     if m.lora:
         check_lora_targets_early(cfg)
@@ -312,7 +317,8 @@ def _connect_served(name: str, spec: TeacherSpec, student_tok: PreTrainedTokeniz
     from llmkd.teacher_server import ServedTeacher
 
     client = ServedTeacher(spec.teacher_server, spec.teacher_topk, timeout=spec.teacher_timeout,
-                           timeout_per_token=spec.teacher_timeout_per_token)
+                           timeout_per_token=spec.teacher_timeout_per_token,
+                           targets=spec.teacher_targets, dtype=spec.teacher_dtype)
     client.connect(student_tok, spec.teacher_wait, f"model.teachers.{name}." if several else "model.")
     return client
 
@@ -324,7 +330,7 @@ def _load_teacher(name: str, spec: TeacherSpec, head: tuple[Any, str] | None = N
     if spec.kind == "served":
         from llmkd.teachers.served import Served
 
-        return Served(client, name=name)
+        return Served(client, name=name, head=head)
     if spec.kind == "offline":
         from llmkd.teachers.offline import Offline
 

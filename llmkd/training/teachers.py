@@ -32,6 +32,8 @@ class TeacherSpec:
     teacher_mode: str = "live"          # live | offline (top-k columns in this teacher's rows)
     teacher_server: str | None = None   # served: URL of `llmkd serve-teacher`
     teacher_topk: int = 20
+    teacher_targets: str = "topk"       # served: topk | hidden (final hidden states + teacher_head)
+    teacher_head: str | None = None
     teacher_dtype: str = "float32"
     teacher_timeout: float = 30.0       # served: seconds an attempt may take, plus ...
     teacher_timeout_per_token: float = 0.01   # ... this per token of the batch (then retries)
@@ -49,9 +51,8 @@ class TeacherSpec:
 def teacher_specs(model: Any) -> dict[str, TeacherSpec]:
     """name -> TeacherSpec; the single-teacher keys are the one teacher named `teacher`."""
     if not model.teachers:
-        return {"teacher": TeacherSpec(model.teacher, model.teacher_mode, model.teacher_server,
-                                       model.teacher_topk, model.teacher_dtype, model.teacher_timeout,
-                                       model.teacher_timeout_per_token, model.teacher_wait)}
+        return {"teacher": TeacherSpec(**{f.name: getattr(model, f.name) for f in dataclasses.fields(TeacherSpec)
+                                          if hasattr(model, f.name)})}   # the model.teacher* keys
     if not isinstance(model.teachers, dict):
         raise ValueError(f"config: model.teachers must map names to teachers, found {model.teachers!r}; "
                          "e.g. {math: {teacher: DIR}, chat: {teacher_server: http://host:8000}}")
@@ -186,6 +187,22 @@ def _own_params(method: Any, spec: TeacherSpec, name: str) -> Any:
         raise ValueError(str(err).replace("method.", f"model.teachers.{name}.method.")) from None
 
 
+def check_served_targets(where: str, m: Any) -> None:
+    """`teacher_targets` / `teacher_head` (of model, or of one of model.teachers) name what a
+    served teacher returns; without a server they are a mistake, said in one line."""
+    if m.teacher_server:
+        from llmkd.teacher_server import check_teacher_server
+
+        try:
+            check_teacher_server(m.teacher_server, m.teacher_topk, m.teacher_targets, m.teacher_head)
+        except ValueError as err:
+            raise ValueError(str(err).replace("model.", where)) from None
+    elif m.teacher_targets != "topk" or m.teacher_head:
+        raise ValueError(f"config: {where}teacher_targets / {where}teacher_head apply to a served teacher "
+                         f"({where}teacher_server); stored hidden states come from an `llmkd generate` "
+                         "dir written with targets=hidden (teacher_mode: offline)")
+
+
 def _check_spec(name: str, spec: TeacherSpec) -> None:
     where = f"config: model.teachers.{name}"
     if spec.teacher_mode not in ("live", "offline"):
@@ -193,13 +210,7 @@ def _check_spec(name: str, spec: TeacherSpec) -> None:
     if spec.kind == "live" and spec.teacher is None:
         raise ValueError(f"{where}.teacher is missing; give a model dir or 'embedded' (or teacher_server: "
                          "URL, or teacher_mode: offline)")
-    if spec.teacher_server:
-        from llmkd.teacher_server import check_teacher_server
-
-        try:
-            check_teacher_server(spec.teacher_server, spec.teacher_topk)
-        except ValueError as err:
-            raise ValueError(str(err).replace("model.", f"model.teachers.{name}.")) from None
+    check_served_targets(f"model.teachers.{name}.", spec)
     if spec.teacher_dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{where}.teacher_dtype={spec.teacher_dtype!r}; use float32, bfloat16 or float16")
     if spec.offload not in (None, "cpu"):
