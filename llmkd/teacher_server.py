@@ -21,19 +21,12 @@ full-vocabulary targets from a teacher that runs elsewhere. After a SIGINT/SIGTE
 retried and training waits on the server only `ABANDON_GRACE` seconds more (`abandon_waits`), so
 a frozen server cannot hold a stopping run past a scheduler's kill deadline. Only the standard
 library talks HTTP; torch is imported where tensors are built.
-
-The first contact (`connect`, before any weights load) is different: one short probe of
-`/v1/models`, so a wrong port, a silent process or a non-vLLM server fails in seconds with what
-was found, instead of after the retries; a server still loading its model (vLLM listens only once
-it is ready) is waited for only when `model.teacher_wait` says so, with a line every 15 s.
 """
 from __future__ import annotations
 
 import json
 import math
 import queue
-import socket
-import sys
 import threading
 import time
 import urllib.error
@@ -43,23 +36,15 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import TYPE_CHECKING, Any, Callable
 
+from llmkd.teacher_probe import TeacherServerError, check_seconds, server_root, wait_until_up
+
 if TYPE_CHECKING:
     import torch
 
 PROBE_TEXT = "The answer is 42, naïve café: 3.14 + x_1\n"
 RETRY_HTTP = {408, 429, 500, 502, 503, 504}
-PROBE_TIMEOUT = 5.0      # a start-up probe's wait for /v1/models: a live vLLM answers in milliseconds
-PROGRESS_EVERY = 15.0    # seconds between "still waiting" lines while model.teacher_wait runs
 TARGETS = ("topk", "hidden")
 WIRE_DTYPES = ("float32", "bfloat16", "float16")     # hidden states travel in the teacher's dtype
-
-
-class TeacherServerError(ConnectionError):
-    """The teacher server cannot be reached or refused a request."""
-
-
-class _NotUpYet(Exception):
-    """A start-up probe found no answer yet from a server that may still come up."""
 
 
 class TeacherWaitAbandoned(KeyboardInterrupt):
@@ -95,20 +80,6 @@ def check_teacher_server(url: str, topk: int, targets: str = "topk", head: str |
     if targets == "hidden" and not head:
         raise ValueError("config: model.teacher_targets=hidden needs model.teacher_head: the path of the "
                          "teacher_head.safetensors that `llmkd serve-teacher CONFIG` writes")
-
-
-def server_root(url: str) -> str:
-    """The server's root: vLLM's OpenAI routes live under /v1, so a URL ending in /v1 (as an
-    OpenAI client wants it) means its parent."""
-    url = url.rstrip("/")
-    return url[:-3] if url.endswith("/v1") else url
-
-
-def _check_seconds(name: str, value: Any, positive: bool) -> None:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"config: model.{name}={value!r} must be a finite number of seconds "
-                         f"{'> 0' if positive else '>= 0'}")
 
 
 class _DaemonPool:
@@ -162,8 +133,8 @@ class ServedTeacher:
         if targets not in TARGETS or dtype not in WIRE_DTYPES:
             raise ValueError(f"targets={targets!r} / dtype={dtype!r}: use one of {TARGETS} / {WIRE_DTYPES}")
         self.targets, self.dtype = targets, dtype
-        _check_seconds("teacher_timeout", timeout, positive=True)
-        _check_seconds("teacher_timeout_per_token", timeout_per_token, positive=False)
+        check_seconds("teacher_timeout", timeout, positive=True)
+        check_seconds("teacher_timeout_per_token", timeout_per_token, positive=False)
         self.url = server_root(url)
         self.topk = topk
         self.timeout, self.timeout_per_token = float(timeout), float(timeout_per_token)
@@ -213,72 +184,10 @@ class ServedTeacher:
             + "; check that it is running and reachable (llmkd serve-teacher CONFIG starts one)") from last
 
     def connect(self, tokenizer: Any, wait: float = 0.0, field: str = "model.") -> None:
-        """First contact, before any weights load: `/v1/models` must answer like vLLM within a few
-        seconds, then the server must tokenize like the student. A server that is not up yet
-        (connection refused, silent, HTTP 502-504) is polled for up to `wait` seconds
-        (`teacher_wait`), saying so every `PROGRESS_EVERY` s; anything else fails at once. Errors
-        are one line naming `field` + teacher_server (e.g. model.teachers.chat.), what was found
-        and the fix."""
-        _check_seconds("teacher_wait", wait, positive=False)
-        started = time.monotonic()
-        said: float | None = None
-        while True:
-            try:
-                self._model = self._probe_models(field)
-                break
-            except _NotUpYet as err:
-                waited = time.monotonic() - started
-                if waited >= wait:
-                    after = f" after waiting {waited:.0f} s ({field}teacher_wait={wait:g})" if wait else ""
-                    raise TeacherServerError(
-                        f"{field}teacher_server={self.url}: {err}{after}; start the server (`llmkd "
-                        "serve-teacher CONFIG` on the teacher's machine), check the host and port, or, "
-                        "if it is still loading its model (vLLM listens only once ready), "
-                        f"{'raise' if wait else 'set'} {field}teacher_wait=SECONDS to wait for it") from None
-                if said is None or time.monotonic() - said >= PROGRESS_EVERY:
-                    print(f"llmkd: waiting up to {wait:g} s ({field}teacher_wait) for the teacher server "
-                          f"{self.url}: {err}; {waited:.0f} s so far", file=sys.stderr, flush=True)
-                    said = time.monotonic()
-                time.sleep(min(1.0, wait - waited))
+        """First contact, before any weights load (`llmkd.teacher_probe.wait_until_up`), then the
+        server must tokenize like the student."""
+        self._model = wait_until_up(self.url, self.timeout, wait, field)
         self.check_tokenizer(tokenizer)
-
-    def _probe_models(self, field: str) -> dict[str, Any]:
-        """One GET /v1/models, no retries: the served model, `_NotUpYet` for a server that may
-        still come up, `TeacherServerError` for an address where no vLLM server will answer."""
-        parts = urllib.parse.urlsplit(self.url)
-        where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
-        wrong = f"{field}teacher_server={self.url}: "
-        fix = ("; check the host and port (those `llmkd serve-teacher` listens on) and that the URL "
-               "is the server's root")
-        timeout = min(PROBE_TIMEOUT, self.timeout)
-        try:
-            with urllib.request.urlopen(self.url + "/v1/models", timeout=timeout) as resp:
-                body, kind = resp.read(), resp.headers.get_content_type()
-        except urllib.error.HTTPError as err:
-            if err.code in (502, 503, 504):
-                raise _NotUpYet(f"it answers HTTP {err.code} (not ready)") from None
-            raise TeacherServerError(f"{wrong}GET /v1/models answered HTTP {err.code}: not a vLLM "
-                                     f"OpenAI server{fix}") from None
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            if isinstance(reason, socket.gaierror):
-                raise TeacherServerError(f"{wrong}host {parts.hostname!r} is unknown ({reason.strerror})"
-                                         f"{fix}") from None
-            if isinstance(reason, ConnectionRefusedError):
-                raise _NotUpYet(f"nothing listens on {where} (connection refused)") from None
-            if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-                raise _NotUpYet(f"{where} accepts connections but did not answer GET /v1/models "
-                                f"within {timeout:g} s (a frozen process, or not an HTTP server)") from None
-            raise _NotUpYet(f"cannot reach {where} ({reason})") from None
-        try:
-            models = json.loads(body).get("data")
-            model = models[0]
-            model["id"]
-        except (ValueError, AttributeError, TypeError, IndexError, KeyError):
-            shown = body[:60].decode(errors="replace")
-            raise TeacherServerError(f"{wrong}GET /v1/models answered {kind} {shown!r}, not vLLM's "
-                                     f"model list: not a vLLM OpenAI server (or it serves no model){fix}") from None
-        return model
 
     def _hint(self, path: str, code: int, body: str) -> str:
         """What to do about a refused request, where the server's own message does not say."""
