@@ -3,8 +3,12 @@ offline `llmkd distill` expected to fail with one line."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +55,46 @@ def offline_distill_error(tmp_path: Path, student: str, data: Path, **data_keys:
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
     return errors[0]
+
+
+SERVER_START_TIMEOUT = 600     # a cold vLLM server on 2 busy cores: imports dominate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_teacher_server(config: Path, url: str, log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """`llmkd serve-teacher CONFIG` in its own process group, returned once `url` answers
+    /v1/models (it fails the test with the log's tail if the server dies or takes too long)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "llmkd.cli.serve", str(config)], cwd=cwd, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=5) as resp:
+                    if resp.status == 200:
+                        return proc
+            except OSError:
+                pass
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"the teacher server {url} did not start in time"
+            time.sleep(2)
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server's process group (API server, engine core, worker)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

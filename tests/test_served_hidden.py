@@ -7,12 +7,8 @@ A second server (top-k) is started beside it for that last case and the reverse 
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,20 +17,11 @@ import yaml
 
 pytest.importorskip("vllm")
 
+from helpers import free_port, start_teacher_server, stop_server  # noqa: E402
+
 from llmkd.teacher_server import ServedTeacher, TeacherServerError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT = 600          # a cold server on 2 busy cores
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _model(teacher: str, url: str, **keys) -> dict:
-    return {"teacher": teacher, "teacher_server": url, **keys}
 
 
 @pytest.fixture(scope="module")
@@ -43,42 +30,19 @@ def servers(tiny_pair, tmp_path_factory):
     kind, started together; plus the head file the hidden one wrote."""
     tmp = tmp_path_factory.mktemp("served_hidden")
     head = tmp / "teacher_head.safetensors"
-    procs, urls, logs = {}, {}, []
+    procs, urls = {}, {}
     env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"), "OMP_NUM_THREADS": "1"}
     try:
         for kind, keys in (("hidden", {"teacher_targets": "hidden", "teacher_head": str(head)}), ("topk", {})):
-            urls[kind] = f"http://127.0.0.1:{_free_port()}"
+            urls[kind] = f"http://127.0.0.1:{free_port()}"
             config = tmp / f"{kind}.yaml"
             config.write_text(yaml.safe_dump({"model": _model(tiny_pair[0], urls[kind], **keys),
                                               "data": {"max_length": 128}}))
-            logs.append(open(tmp / f"{kind}.log", "w"))
-            procs[kind] = subprocess.Popen([sys.executable, "-m", "llmkd.cli.serve", str(config)], cwd=REPO,
-                                           env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
-                                           start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        for kind, url in urls.items():
-            while True:
-                try:
-                    with urllib.request.urlopen(url + "/v1/models", timeout=5) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert procs[kind].poll() is None, (tmp / f"{kind}.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, f"the {kind} teacher server did not start in time"
-                time.sleep(2)
+            procs[kind] = start_teacher_server(config, urls[kind], tmp / f"{kind}.log", env, REPO)
         yield {**urls, "head": head}
     finally:
         for proc in procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-        for log in logs:
-            log.close()
+            stop_server(proc)
 
 
 def _config(tiny_pair, url: str, head, out: Path, kind: str = "fkl", **model):

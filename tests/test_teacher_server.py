@@ -8,12 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,17 +17,12 @@ import torch
 
 pytest.importorskip("vllm")
 
+from helpers import free_port, start_teacher_server, stop_server  # noqa: E402
+
 from llmkd.teacher_server import ServedTeacher, TeacherServerError, check_teacher_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 K = 25                       # more than vLLM's default max_logprobs (20)
-START_TIMEOUT = 600          # a cold server on 2 busy cores: imports dominate
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,41 +36,16 @@ def teacher_dir() -> Path:
 def server(tmp_path_factory, teacher_dir):
     """(url, process) of `llmkd serve-teacher` for a config naming the embedded teacher."""
     tmp = tmp_path_factory.mktemp("served")
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     config = tmp / "distill.yaml"
     config.write_text(json.dumps({"model": {"teacher": "embedded", "teacher_server": url, "teacher_topk": K},
                                   "data": {"recipe": "arithmetic", "max_length": 256}}))
-    log = open(tmp / "server.log", "w")
     env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp / "vllm_cache"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "llmkd.cli.serve", str(config)], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + START_TIMEOUT
+    proc = start_teacher_server(config, url, tmp / "server.log", env, REPO)
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/v1/models", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the teacher server did not start in time"
-            time.sleep(2)
         yield url, proc
     finally:
-        _stop(proc)
-        log.close()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server's process group (API server, engine core, worker) that this module started."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
 
 
 def _batch(tokenizer, pairs: list[tuple[str, str]]):
@@ -283,7 +249,7 @@ def test_server_killed_mid_run_retries_then_fails_clearly_keeping_the_checkpoint
     class KillServer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:
-                _stop(proc)
+                stop_server(proc)
 
     trainer.add_callback(KillServer())
     with pytest.raises(TeacherServerError, match=f"teacher server {url} did not answer /v1/completions "
