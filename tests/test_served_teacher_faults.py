@@ -241,3 +241,14 @@ def test_a_reply_cut_short_is_retried_then_fails_clearly(not_http):
     with pytest.raises(TeacherServerError, match="did not answer /v1/completions after 3 attempts"):
         client._request(*client.payload([[1, 2, 3]]))
     assert mode["seen"] == 3
+
+
+def test_a_head_with_fewer_rows_than_its_tokenizer_says_so(tmp_path):
+    from safetensors.torch import save_file
+
+    from llmkd.generation.hidden import check_head_file
+
+    path = tmp_path / "head.safetensors"
+    save_file({"weight": torch.zeros(512, 8)}, str(path), metadata={"vocab": "513"})
+    with pytest.raises(ValueError, match="512 rows but its tokenizer 513 tokens"):
+        check_head_file(path, 513, missing="")
