@@ -7,6 +7,7 @@ with a line every `PROGRESS_EVERY` seconds. Standard library only.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import socket
@@ -97,6 +98,9 @@ def probe_models(url: str, timeout: float, field: str) -> dict[str, Any]:
             raise _NotUpYet(f"{where} accepts connections but did not answer GET /v1/models "
                             f"within {timeout:g} s (a frozen process, or not an HTTP server)") from None
         raise _NotUpYet(f"cannot reach {where} ({reason})") from None
+    except http.client.HTTPException as err:   # a banner or garbage where a status line belongs
+        raise TeacherServerError(f"{wrong}{where} answered {type(err).__name__} ({str(err)[:60]!r}): not an "
+                                 f"HTTP server{fix}") from None
     try:
         model = json.loads(body).get("data")[0]
         model["id"]

@@ -24,6 +24,7 @@ library talks HTTP; torch is imported where tensors are built.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import queue
@@ -172,7 +173,8 @@ class ServedTeacher:
                     raise TeacherServerError(f"teacher server {self.url} refused {path} "
                                              f"(HTTP {err.code}: {body}){hint}") from err
                 last = err
-            except (urllib.error.URLError, OSError, TimeoutError) as err:   # refused, reset, timeout
+            except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException,
+                    json.JSONDecodeError) as err:   # refused, reset, timeout, a reply cut short
                 last = err
         slow = isinstance(last, TimeoutError) or "timed out" in str(last)
         raise TeacherServerError(

@@ -196,3 +196,59 @@ def test_serve_teacher_fits_the_models_positions(tiny_pair, tmp_path, capsys, ma
     assert main([str(tmp_path / "cfg.yaml"), "--dry-run"]) == 0
     argv = capsys.readouterr().out.split()
     assert argv[argv.index("--max-model-len") + 1] == str(expect)
+
+
+@pytest.fixture
+def not_http():
+    """A port held by a service that does not speak HTTP (an SSH banner) or cuts its reply short
+    (a Content-Length promised, fewer bytes sent): what a wrong port or a dying server looks like."""
+    import socket
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    replies = {"banner": b"SSH-2.0-OpenSSH_9.6\r\n",
+               "short": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"da"}
+    mode = {"reply": "banner", "seen": 0}
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                mode["seen"] += 1
+                conn.sendall(replies[mode["reply"]])
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", mode
+    sock.close()
+
+
+def test_a_port_that_does_not_speak_http_fails_in_one_line(not_http):
+    from llmkd.teacher_probe import wait_until_up
+
+    url, _ = not_http
+    with pytest.raises(TeacherServerError, match="not an HTTP server.*check the host and port"):
+        wait_until_up(url, 5.0)
+
+
+def test_a_reply_cut_short_is_retried_then_fails_clearly(not_http):
+    url, mode = not_http
+    mode["reply"] = "short"
+    client = ServedTeacher(url, 4, timeout=5.0, retries=2, backoff=0.01)
+    client._model = {"id": "m"}
+    with pytest.raises(TeacherServerError, match="did not answer /v1/completions after 3 attempts"):
+        client._request(*client.payload([[1, 2, 3]]))
+    assert mode["seen"] == 3
+
+
+def test_a_head_with_fewer_rows_than_its_tokenizer_says_so(tmp_path):
+    from safetensors.torch import save_file
+
+    from llmkd.generation.hidden import check_head_file
+
+    path = tmp_path / "head.safetensors"
+    save_file({"weight": torch.zeros(512, 8)}, str(path), metadata={"vocab": "513"})
+    with pytest.raises(ValueError, match="512 rows but its tokenizer 513 tokens"):
+        check_head_file(path, 513, missing="")

@@ -122,7 +122,11 @@ def check_head_file(path: str | Path, vocab: int, *, missing: str) -> None:
         rows = f.get_slice("weight").get_shape()[0]
         meta = f.metadata() or {}
     head_vocab = int(meta.get("vocab", rows))
-    if head_vocab != vocab or rows < vocab:
+    if rows < head_vocab:
+        raise ValueError(f"{path}: the teacher head has {rows} rows but its tokenizer {head_vocab} tokens; "
+                         "the teacher model and its tokenizer do not belong together (resize the "
+                         "model's embeddings to the tokenizer, then rewrite the head)")
+    if head_vocab != vocab:
         raise ValueError(f"{path}: the teacher head covers a vocabulary of {head_vocab} tokens "
                          f"({rows} rows) but the student's tokenizer has {vocab}; hidden-state targets "
                          "need the student's vocabulary: use a student with the teacher's tokenizer")
