@@ -17,7 +17,7 @@ from llmkd.generation.writer import load_generated
 from llmkd.methods.common import kd_divergence
 from llmkd.models.head import forward_head, run_head
 from llmkd.teachers.offline import Offline
-from llmkd.training.pipeline import load_tokenizer
+from llmkd.training.pipeline import check_token_ids, load_tokenizer
 from llmkd.training.trainer import build_method
 from helpers import offline_distill_error
 
@@ -129,10 +129,11 @@ def test_hidden_dir_without_head_one_line_nothing_trained(families, tmp_path):
 
 
 @pytest.mark.parametrize("targets", ["topk", "hidden"])
-def test_teacher_with_padded_vocab_rows_one_line_nothing_trained(tiny_pair, tmp_path, targets):
+def test_teacher_with_padded_vocab_rows_writes_only_tokenizer_ids(tiny_pair, tmp_path, targets):
     """A Gemma 2 teacher whose embedding has more rows than its tokenizer (padded vocab_size, as
-    Qwen's): the rows it generated can hold ids the student's tokenizer lacks (an untrained teacher
-    samples them); one line naming the id, not an IndexError from the student's embedding."""
+    Qwen's): `llmkd generate` never samples or stores the padding ids; rows that hold one anyway
+    (a dir from another tool or an older llmkd) stop training with one line naming the row and the
+    id, before the student's embedding would fail mid-step with an IndexError."""
     tok = load_tokenizer(tiny_pair[0])
     config = transformers.Gemma2Config(
         vocab_size=len(tok) + 64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -147,5 +148,11 @@ def test_teacher_with_padded_vocab_rows_one_line_nothing_trained(tiny_pair, tmp_
                            max_new_tokens=12, temperature=1.0, output_dir=str(tmp_path / "gen"),
                            targets=targets, topk=20)
     data = run_generation(cfg, progress=False)
-    error = offline_distill_error(tmp_path, tiny_pair[1], data, num_train=3, num_eval=1)
-    assert f"outside the student's tokenizer ({len(tok)} tokens)" in error and "row id=" in error, error
+    rows = load_generated(data)
+    check_token_ids(rows, len(tok), data)                  # nothing beyond the tokenizer was written
+    first = rows[0]["response_token_ids"]
+    bad = rows.map(lambda r, i: {"response_token_ids": [len(tok) + 3, *first[1:]]} if i == 0 else {},
+                   with_indices=True)
+    with pytest.raises(ValueError, match=rf"row id={rows[0]['id']}: response_token_ids holds token id "
+                                         rf"{len(tok) + 3}, outside the student's tokenizer \({len(tok)} tokens\)"):
+        check_token_ids(bad, len(tok), data)
