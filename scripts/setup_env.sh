@@ -30,4 +30,18 @@ if [ "$venv" != "$(pwd)/.venv" ]; then
 fi
 # Point the (possibly shared) venv's editable install at this checkout; fast, no downloads.
 .venv/bin/pip install -q --no-deps --no-build-isolation -e . >/dev/null
+# DeepSpeed JIT-builds its CPU ops (shared-memory comm, CPU Adam) into ~/.cache/torch_extensions on
+# first use, under a lock *file*: a run killed while holding it leaves the file behind and every
+# later run waits on it forever (two-rank tests hang, not fail). Drop locks no build can still be
+# holding, then build the ops once here, in one process, so test ranks only load them.
+ext_dir=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
+find "$ext_dir" -name lock -mmin +15 -print -delete 2>/dev/null | sed 's/^/[setup] removed stale DeepSpeed build lock /' || true
+.venv/bin/python - <<'PY' 2>&1 | grep -v -i -E "^\s*$|warn" | tail -n 2 || true
+from deepspeed.accelerator import get_accelerator
+for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):
+    builder = get_accelerator().create_op_builder(name)
+    if builder is not None and builder.is_compatible():
+        builder.load(verbose=False)
+print("[setup] DeepSpeed CPU ops built")
+PY
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, transformers, vllm; print("torch", torch.__version__, "transformers", transformers.__version__, "vllm", vllm.__version__)' 2>/dev/null | tail -n 1)"

@@ -24,6 +24,10 @@ from llmkd.teacher_server import ServedTeacher, TeacherServerError  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _model(teacher: str, url: str, **keys) -> dict:
+    return {"teacher": teacher, "teacher_server": url, **keys}
+
+
 @pytest.fixture(scope="module")
 def servers(tiny_pair, tmp_path_factory):
     """{"hidden": url, "topk": url}: `llmkd serve-teacher` for the tiny teacher, one per targets
