@@ -33,9 +33,12 @@ fi
 # DeepSpeed JIT-builds its CPU ops (shared-memory comm, CPU Adam) into ~/.cache/torch_extensions on
 # first use, under a lock *file*: a run killed while holding it leaves the file behind and every
 # later run waits on it forever (two-rank tests hang, not fail). Drop locks no build can still be
-# holding, then build the ops once here, in one process, so test ranks only load them.
+# holding (over a minute old, no ninja running), then build the ops once here, in one process, so
+# test ranks only load them.
 ext_dir=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
-find "$ext_dir" -name lock -mmin +15 -print -delete 2>/dev/null | sed 's/^/[setup] removed stale DeepSpeed build lock /' || true
+if ! pgrep -x ninja >/dev/null 2>&1; then
+  find "$ext_dir" -name lock -mmin +1 -print -delete 2>/dev/null | sed 's/^/[setup] removed stale DeepSpeed build lock /' || true
+fi
 .venv/bin/python - <<'PY' 2>&1 | grep -v -i -E "^\s*$|warn" | tail -n 2 || true
 from deepspeed.accelerator import get_accelerator
 for name in ("ShareMemCommBuilder", "CPUAdamBuilder"):

@@ -4,6 +4,7 @@ mixture computed by hand in float64; grad accumulation with mixed teachers; the 
 of a checkpoint on resume; an offloaded teacher."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,30 @@ def test_resume_checks_the_teacher_manifest_and_continues_exactly(tiny_pair, sec
     b = load_file(tmp_path / "cut" / "checkpoint-4" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+
+
+def test_resume_refuses_a_served_teacher_with_other_targets(tmp_path):
+    """The manifest records a served teacher's targets (top-k k, or hidden states): resuming a
+    top-20 run against hidden states (or top-50) is named; a manifest written before these keys
+    existed still resumes."""
+    from types import SimpleNamespace
+
+    from llmkd.training.teachers import MANIFEST, check_resume_teachers, teacher_manifest
+
+    def model(**keys):
+        return SimpleNamespace(teachers={"chat": {"teacher_server": "http://127.0.0.1:8000", **keys}})
+
+    topk20 = teacher_manifest(model())
+    assert topk20["chat"]["targets"] == "topk" and topk20["chat"]["topk"] == 20
+    (tmp_path / MANIFEST).write_text(json.dumps(topk20))
+    check_resume_teachers(tmp_path, model())
+    with pytest.raises(ValueError, match=r"chat\.targets 'topk' -> 'hidden'"):
+        check_resume_teachers(tmp_path, model(teacher_targets="hidden", teacher_head="head.safetensors"))
+    with pytest.raises(ValueError, match=r"chat\.topk 20 -> 50"):
+        check_resume_teachers(tmp_path, model(teacher_topk=50))
+    old = {"chat": {k: v for k, v in topk20["chat"].items() if k not in ("targets", "topk")}}
+    (tmp_path / MANIFEST).write_text(json.dumps(old))
+    check_resume_teachers(tmp_path, model(teacher_targets="hidden", teacher_head="head.safetensors"))
 
 
 def test_per_teacher_eval_and_training_logs(tiny_pair, second_teacher, tmp_path):

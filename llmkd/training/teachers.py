@@ -259,13 +259,17 @@ def tokenizer_hash(name: str | None) -> str | None:
 
 
 def teacher_manifest(model: Any) -> dict[str, dict[str, Any]]:
-    """name -> {kind, model (dir / URL), config and tokenizer hashes}: what a checkpoint was trained on."""
+    """name -> {kind, model (dir / URL), config and tokenizer hashes; a served teacher's targets
+    and top-k}: what a checkpoint was trained on."""
     out = {}
     for name, s in teacher_specs(model).items():
         d = _local_dir(s.teacher)
         out[name] = {"kind": s.kind, "model": s.teacher_server or s.teacher,
                      "config": _file_hash(d / "config.json") if d else None,
                      "tokenizer": tokenizer_hash(s.teacher)}
+        if s.kind == "served":   # top-k + tail and full-vocabulary targets train different students
+            out[name] |= {"targets": s.teacher_targets,
+                          "topk": s.teacher_topk if s.teacher_targets == "topk" else None}
     return out
 
 
@@ -277,8 +281,8 @@ def check_resume_teachers(checkpoint: str | Path | None, model: Any) -> None:
     saved = json.loads((Path(checkpoint) / MANIFEST).read_text())
     now = teacher_manifest(model)
     changes = ([f"{n} removed" for n in saved if n not in now] + [f"{n} added" for n in now if n not in saved]
-               + [f"{n}.{k} {saved[n].get(k)!r} -> {v!r}" for n in now if n in saved
-                  for k, v in now[n].items() if saved[n].get(k) != v])
+               + [f"{n}.{k} {saved[n][k]!r} -> {v!r}" for n in now if n in saved
+                  for k, v in now[n].items() if k in saved[n] and saved[n][k] != v])   # keys it recorded
     if changes:
         raise ValueError(f"config: resume_from_checkpoint={str(checkpoint)!r} was trained with another teacher "
                          f"set ({'; '.join(changes)}); resume with the checkpoint's teachers, or start a new run")
