@@ -2,7 +2,9 @@
 `llmkd generate` must never sample a padding id and never store one in the top-k, and the stored
 top-k is the distribution over the tokenizer's tokens (the padding's mass removed, so the tail
 `1 - sum(top-k)` is the real tokens' remaining mass). The padding rows of lm_head point along the
-model's own hidden states, so an unmasked sampler picks them almost always."""
+model's own hidden states, so an unmasked sampler picks them almost always. The hf backend masks
+them; vLLM (which normalises log-probs before any mask) loads a view of the model without them
+(`llmkd.models.vocab_trim`), checked here too, also for a head with a bias (Phi)."""
 from __future__ import annotations
 
 import math
@@ -71,3 +73,85 @@ def test_hf_backend_never_samples_or_stores_padding_ids(padded_teacher, greedy):
     assert comps[0].topk_ids == ref_ids.tolist()
     assert torch.allclose(torch.tensor(comps[0].topk_logprobs, dtype=torch.float64), ref_lp, atol=1e-4)
     backend.close()
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_vllm_backend_never_samples_or_stores_padding_ids(padded_teacher, greedy, tmp_path, monkeypatch):
+    pytest.importorskip("vllm")
+    monkeypatch.setenv("LLMKD_CACHE", str(tmp_path))
+    model_dir, vocab = padded_teacher
+    backend = make_backend("vllm", str(model_dir), max_model_len=128)
+    from transformers import AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(model_dir)("What is 3 + 4?")["input_ids"]
+    spec = SamplingSpec(n=1 if greedy else 4, temperature=0.0 if greedy else 1.0, top_p=1.0,
+                        max_new_tokens=8, logprobs=5, seed=0)
+    comps = backend.generate([prompt], spec, progress=False)[0]
+    backend.close()
+    _check(comps, vocab, 5)
+    for c in comps:
+        ref_lp, ref_ids = _reference(model_dir, vocab, prompt, c.token_ids, 5)
+        assert c.topk_ids == ref_ids.tolist()
+        assert torch.allclose(torch.tensor(c.topk_logprobs, dtype=torch.float64), ref_lp, atol=1e-4)
+
+
+def test_vocab_view_cuts_only_the_vocabulary_tensors_and_is_reused(tmp_path):
+    """A Phi-style head (bias) with padded rows: the view's logits equal the original's on the
+    tokenizer's rows; embedding, head weight and bias are cut, nothing else; shards without them
+    are links; a second call reuses the view; a dir whose vocab fits is returned as is."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, PhiConfig, PhiForCausalLM
+
+    from llmkd.models.tiny import tiny_tokenizer
+    from llmkd.models.vocab_trim import vocab_tensors, vocab_trimmed
+
+    tok = tiny_tokenizer()
+    vocab = len(tok)
+    torch.manual_seed(0)
+    model = PhiForCausalLM(PhiConfig(vocab_size=vocab + 40, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64))
+    with torch.no_grad():
+        model.lm_head.bias.normal_()
+    src = tmp_path / "phi"
+    model.save_pretrained(src, max_shard_size="60KB")       # several shards: most hold no vocab tensor
+    tok.save_pretrained(src)
+    assert vocab_tensors(src) == {"model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"}
+    view = vocab_trimmed(src, cache=tmp_path / "views")
+    assert view != src and vocab_trimmed(src, cache=tmp_path / "views") == view
+    shards = sorted(view.glob("*.safetensors"))
+    assert len(shards) > 2 and any(f.is_symlink() for f in shards)
+    for f in shards:
+        with safe_open(f, "pt") as st:
+            for name in st.keys():
+                if name in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"):
+                    assert st.get_slice(name).get_shape()[0] == vocab and not f.is_symlink(), name
+    cut_model = AutoModelForCausalLM.from_pretrained(view)
+    assert cut_model.config.vocab_size == vocab
+    ids = torch.tensor([tok("a small test of the view")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(cut_model(ids).logits, model(ids).logits[..., :vocab])
+    fits = tmp_path / "fits"
+    PhiForCausalLM(PhiConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4)).save_pretrained(fits)
+    tok.save_pretrained(fits)
+    assert vocab_trimmed(fits, cache=tmp_path / "views") == fits
+
+
+def test_serve_teacher_serves_top_k_from_the_view(padded_teacher, tmp_path, capsys, monkeypatch):
+    """`llmkd serve-teacher` (top-k) loads the view and keeps the user's dir as the served name;
+    in hidden-state mode (the states do not depend on the head) it loads the dir itself."""
+    import yaml
+
+    from llmkd.cli.serve import main
+
+    monkeypatch.setenv("LLMKD_CACHE", str(tmp_path))
+    model_dir, _ = padded_teacher
+    for targets in ("topk", "hidden"):
+        keys = {"teacher_targets": "hidden", "teacher_head": str(tmp_path / "head.safetensors")} \
+            if targets == "hidden" else {}
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"model": {"teacher": str(model_dir), **keys}}))
+        assert main([str(tmp_path / "cfg.yaml"), "--dry-run"]) == 0
+        argv = capsys.readouterr().out.split()
+        loaded = Path(argv[argv.index("--model") + 1])
+        assert argv[argv.index("--served-model-name") + 1] == str(model_dir)
+        assert (loaded.parent == tmp_path / "vocab_trimmed") == (targets == "topk"), loaded

@@ -74,8 +74,15 @@ def server_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str],
     config = _model_config(model_dir)
     positions = getattr(config, "max_position_embeddings", None)
     max_len = min(data.max_length + 1, positions or data.max_length + 1)   # the request generates one
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-            "--host", host, "--port", str(port), "--dtype", model.teacher_dtype,
+    # top-k log-probs over the tokenizer's tokens only: a padded vocab_size is served from a view
+    # without those rows (hidden states do not depend on them)
+    load_dir = model_dir
+    if model.teacher_targets != "hidden":
+        from llmkd.generation.backends import vocab_trimmed_view
+
+        load_dir = str(vocab_trimmed_view(model_dir))
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", load_dir,
+            "--served-model-name", model_dir, "--host", host, "--port", str(port), "--dtype", model.teacher_dtype,
             "--max-model-len", str(max_len), "--disable-uvicorn-access-log"]
     if model.teacher_targets == "hidden":
         argv += ["--runner", "pooling", "--convert", "embed", "--pooler-config", json.dumps(POOLER)]

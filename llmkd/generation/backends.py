@@ -42,6 +42,21 @@ def check_model_dir(model_path: str, field: str = "model") -> str:
     return check(model_path, field)
 
 
+def vocab_trimmed_view(model_dir: str) -> Path:
+    """The dir vLLM should load: `model_dir`, or its view without padded vocabulary rows (one
+    line says so), so top-k log-probs are normalised over the tokenizer's tokens only."""
+    import sys
+
+    from llmkd.models.vocab_trim import vocab_trimmed
+
+    view = vocab_trimmed(model_dir)
+    if view != Path(model_dir):
+        print(f"[llmkd] {model_dir}: its vocab_size has rows beyond its tokenizer; vLLM loads a view "
+              f"without them ({view}), so no padding id is sampled or counted in the log-probs",
+              file=sys.stderr, flush=True)
+    return view
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -53,7 +68,7 @@ class VLLMBackend:
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 1024,
                  **engine_kwargs: Any) -> None:
-        model_path = check_model_dir(model_path)
+        model_path = str(vocab_trimmed_view(check_model_dir(model_path)))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CACHE_ROOT", str(Path("~/.cache/llmkd/vllm").expanduser()))
         from vllm import LLM
