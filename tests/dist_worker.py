@@ -64,7 +64,7 @@ def main() -> int:
         tmp = Path(args.info + ".tmp")
         tmp.write_text(json.dumps(info, indent=1))
         os.replace(tmp, args.info)
-    shutdown_distributed()
+    shutdown_distributed(exit_code=0)
     return 0
 
 

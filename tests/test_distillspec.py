@@ -179,7 +179,7 @@ out = {"state": trainer.method.state_dict(), "world": trainer.args.world_size,
        "local_ce": [h["taid_ce"] for h in hist if "taid_ce" in h]}
 with open(os.path.join(raw["output_dir"], f"rank{rank}.json"), "w") as fh:
     json.dump(out, fh)
-shutdown_distributed()
+shutdown_distributed(exit_code=0)
 '''
 
 

@@ -63,6 +63,14 @@ def register(sub: Any) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    from llmkd.training.pipeline import shutdown_distributed
+
+    code = _distill(args)
+    shutdown_distributed(exit_code=code)   # under torchrun the process ends here (see its docstring)
+    return code
+
+
+def _distill(args: argparse.Namespace) -> int:
     from llmkd.training.config import load_config
     from llmkd.training.outdir import OutputDirBusy, claim_output_dir
 
@@ -94,7 +102,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _run(cfg: Any, phase: dict[str, str]) -> int:
-    from llmkd.training.pipeline import build_trainer, shutdown_distributed
+    from llmkd.training.pipeline import build_trainer
 
     trainer = build_trainer(cfg)
     trainer.train()
@@ -105,7 +113,6 @@ def _run(cfg: Any, phase: dict[str, str]) -> int:
     trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero():
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-    shutdown_distributed()
     return 0
 
 

@@ -195,15 +195,29 @@ def build_trainer(cfg: DistillationConfig):
                                processing_class=student_tok, train_dataset=train, eval_dataset=evals, monitor=monitor)
 
 
-def shutdown_distributed() -> None:
-    """Tear the process group down before exit: left to interpreter shutdown, gloo's threads can
-    abort a rank ("terminate called without an active exception") after all work is done. Call
-    it last in a script started by torchrun; `llmkd distill` does."""
+def shutdown_distributed(exit_code: int | None = None) -> None:
+    """Tear the process group down, last thing in a script started by torchrun (`llmkd distill`
+    does). With `exit_code`, a rank of a multi-process run also ends here: Python's exit handlers
+    run, streams flush, then `os._exit`. The DDP / DeepSpeed wrapper a Trainer keeps holds its own
+    reference to the gloo process group, so destroying the group does not stop gloo's threads;
+    they are torn down during interpreter finalisation, where they can abort a finished rank
+    ("terminate called without an active exception", SIGABRT) and torchrun reports the run failed."""
+    import atexit
+    import os
+    import sys
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    ranks = dist.get_world_size()      # 1: e.g. the group an in-process vLLM engine made
+    dist.barrier()
+    dist.destroy_process_group()
+    if exit_code is not None and ranks > 1:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(exit_code)
 
 
 def build_monitor(cfg: DistillationConfig, student_tok: PreTrainedTokenizerBase):
