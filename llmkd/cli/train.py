@@ -63,10 +63,11 @@ def register(sub: Any) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from llmkd.training.pipeline import shutdown_distributed
-
     code = _distill(args)
-    shutdown_distributed(exit_code=code)   # under torchrun the process ends here (see its docstring)
+    if "torch" in sys.modules:   # a run that got as far as models (config errors import none)
+        from llmkd.training.pipeline import shutdown_distributed
+
+        shutdown_distributed(exit_code=code)   # under torchrun the process ends here (see its docstring)
     return code
 
 
