@@ -7,6 +7,7 @@ them; vLLM (which normalises log-probs before any mask) loads a view of the mode
 (`llmkd.models.vocab_trim`), checked here too, also for a head with a bias (Phi)."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -155,3 +156,33 @@ def test_serve_teacher_serves_top_k_from_the_view(padded_teacher, tmp_path, caps
         loaded = Path(argv[argv.index("--model") + 1])
         assert argv[argv.index("--served-model-name") + 1] == str(model_dir)
         assert (loaded.parent == tmp_path / "vocab_trimmed") == (targets == "topk"), loaded
+
+
+def test_vocab_view_refuses_what_it_cannot_cut(tmp_path):
+    """A checkpoint saved from the bare base model (no `model.` prefix: nothing matches the
+    causal-LM names) and a nested multimodal vocab_size are one clear error each, nothing cached;
+    a temp dir left by a killed build is removed."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    from llmkd.models.tiny import tiny_tokenizer
+    from llmkd.models.vocab_trim import _key, tokenizer_size, vocab_trimmed
+
+    tok = tiny_tokenizer()
+    bare = tmp_path / "bare"
+    config = Qwen2Config(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    Qwen2Model(config).save_pretrained(bare)
+    tok.save_pretrained(bare)
+    views = tmp_path / "views"
+    stale = views / (_key(bare, tokenizer_size(bare)) + ".tmp999999999")   # no such pid: a killed build
+    stale.mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"no checkpoint tensor is named .*lm_head\.weight"):
+        vocab_trimmed(bare, cache=views)
+    assert list(views.iterdir()) == []               # the stale dir and the failed build's are gone
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    tok.save_pretrained(nested)
+    (nested / "config.json").write_text(json.dumps({"model_type": "llava",
+                                                    "text_config": {"vocab_size": len(tok) + 8}}))
+    with pytest.raises(ValueError, match=r"text_config\.vocab_size .* use the hf backend"):
+        vocab_trimmed(nested, cache=views)

@@ -154,9 +154,9 @@ def test_resume_checks_the_teacher_manifest_and_continues_exactly(tiny_pair, sec
 
 
 def test_resume_refuses_a_served_teacher_with_other_targets(tmp_path):
-    """The manifest records a served teacher's targets (top-k k, or hidden states): resuming a
-    top-20 run against hidden states (or top-50) is named; a manifest written before these keys
-    existed still resumes."""
+    """The manifest records a served teacher's targets (top-k and its k, or hidden states and a
+    hash of the head file): resuming a top-20 run against hidden states or top-50, or a hidden
+    run with another head, is named; a manifest written before these keys existed still resumes."""
     from types import SimpleNamespace
 
     from llmkd.training.teachers import MANIFEST, check_resume_teachers, teacher_manifest
@@ -164,17 +164,27 @@ def test_resume_refuses_a_served_teacher_with_other_targets(tmp_path):
     def model(**keys):
         return SimpleNamespace(teachers={"chat": {"teacher_server": "http://127.0.0.1:8000", **keys}})
 
+    head_a, head_b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    head_a.write_bytes(b"head a")
+    head_b.write_bytes(b"head b")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
     topk20 = teacher_manifest(model())
-    assert topk20["chat"]["targets"] == "topk" and topk20["chat"]["topk"] == 20
-    (tmp_path / MANIFEST).write_text(json.dumps(topk20))
-    check_resume_teachers(tmp_path, model())
-    with pytest.raises(ValueError, match=r"chat\.targets 'topk' -> 'hidden'"):
-        check_resume_teachers(tmp_path, model(teacher_targets="hidden", teacher_head="head.safetensors"))
-    with pytest.raises(ValueError, match=r"chat\.topk 20 -> 50"):
-        check_resume_teachers(tmp_path, model(teacher_topk=50))
-    old = {"chat": {k: v for k, v in topk20["chat"].items() if k not in ("targets", "topk")}}
-    (tmp_path / MANIFEST).write_text(json.dumps(old))
-    check_resume_teachers(tmp_path, model(teacher_targets="hidden", teacher_head="head.safetensors"))
+    assert topk20["chat"]["targets"] == "top-20" and topk20["chat"]["head"] is None
+    (ckpt / MANIFEST).write_text(json.dumps(topk20))
+    check_resume_teachers(ckpt, model())
+    with pytest.raises(ValueError, match=r"chat\.targets 'top-20' -> 'hidden'"):
+        check_resume_teachers(ckpt, model(teacher_targets="hidden", teacher_head=str(head_a)))
+    with pytest.raises(ValueError, match=r"chat\.targets 'top-20' -> 'top-50'"):
+        check_resume_teachers(ckpt, model(teacher_topk=50))
+    (ckpt / MANIFEST).write_text(json.dumps(teacher_manifest(model(teacher_targets="hidden",
+                                                                    teacher_head=str(head_a)))))
+    check_resume_teachers(ckpt, model(teacher_targets="hidden", teacher_head=str(head_a)))
+    with pytest.raises(ValueError, match=r"chat\.head '[0-9a-f]+' -> '[0-9a-f]+'"):
+        check_resume_teachers(ckpt, model(teacher_targets="hidden", teacher_head=str(head_b)))
+    old = {"chat": {k: v for k, v in topk20["chat"].items() if k not in ("targets", "head")}}
+    (ckpt / MANIFEST).write_text(json.dumps(old))
+    check_resume_teachers(ckpt, model(teacher_targets="hidden", teacher_head=str(head_a)))
 
 
 def test_per_teacher_eval_and_training_logs(tiny_pair, second_teacher, tmp_path):

@@ -64,7 +64,7 @@ def register(sub: Any) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     code = _distill(args)
-    if "torch" in sys.modules:   # a run that got as far as models (config errors import none)
+    if code == 0:   # every rank finished (a failed one may not reach the barrier)
         from llmkd.training.pipeline import shutdown_distributed
 
         shutdown_distributed(exit_code=code)   # under torchrun the process ends here (see its docstring)

@@ -36,13 +36,26 @@ def vocab_tensors(model_dir: Path) -> set[str]:
     return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in ours}
 
 
+VIEW_FORMAT = 1    # part of the cache key: a view built by older code is never reused
+
+
 def _key(model_dir: Path, vocab: int) -> str:
-    h = hashlib.sha256(f"{model_dir.resolve()}|{vocab}".encode())
+    h = hashlib.sha256(f"{VIEW_FORMAT}|{model_dir.resolve()}|{vocab}".encode())
     for f in sorted(model_dir.iterdir()):
         if f.is_file():
             st = f.stat()
             h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def vocab_trimmed(model_dir: str | Path, vocab: int | None = None, cache: Path | None = None) -> Path:
@@ -53,20 +66,30 @@ def vocab_trimmed(model_dir: str | Path, vocab: int | None = None, cache: Path |
     from safetensors.torch import save_file
 
     from llmkd.models.embedded import cache_root
+    from llmkd.preflight import model_vocab_size
 
     src = Path(model_dir)
     config = json.loads((src / "config.json").read_text())
-    rows = config.get("vocab_size")
+    rows = model_vocab_size(src)
     vocab = tokenizer_size(src) if vocab is None else vocab
-    if not isinstance(rows, int) or rows <= vocab:
+    if rows is None or rows <= vocab:
         return src
-    out = (cache or cache_root() / "vocab_trimmed") / _key(src, vocab)
+    if not isinstance(config.get("vocab_size"), int):
+        raise ValueError(f"model={str(src)!r}: its text_config.vocab_size ({rows}) has rows beyond its "
+                         f"tokenizer ({vocab} tokens), which vLLM would sample and count; a nested "
+                         "(multimodal) config cannot be trimmed: use the hf backend")
+    root = cache or cache_root() / "vocab_trimmed"
+    out = root / _key(src, vocab)
     if (out / "config.json").is_file():
         return out
+    for old in root.glob(out.name + ".tmp*"):          # left by a build that was killed
+        if not _alive(old.name.rpartition(".tmp")[2]):
+            shutil.rmtree(old, ignore_errors=True)
     names = vocab_tensors(src)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    cut_any = False
     for f in src.iterdir():
         if not f.is_file() or f.name == "config.json":
             continue
@@ -77,11 +100,19 @@ def vocab_trimmed(model_dir: str | Path, vocab: int | None = None, cache: Path |
                     tensors = {n: st.get_tensor(n)[:vocab].contiguous() if n in cut else st.get_tensor(n)
                                for n in st.keys()}
                     save_file(tensors, tmp / f.name, metadata=st.metadata() or {"format": "pt"})
+                    cut_any = True
                     continue
         (tmp / f.name).symlink_to(f.resolve())
+    if not cut_any:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"model={str(src)!r}: vocab_size {rows} exceeds its tokenizer ({vocab} tokens), but "
+                         f"no checkpoint tensor is named {sorted(names)} to cut; save the model with "
+                         "save_pretrained from its *ForCausalLM class, or use the hf backend")
     (tmp / "config.json").write_text(json.dumps({**config, "vocab_size": vocab}, indent=1))
     try:
         tmp.rename(out)
-    except OSError:              # another process built it first
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():      # not another process that built it first
+            raise
     return out

@@ -196,15 +196,18 @@ def build_trainer(cfg: DistillationConfig):
 
 
 def shutdown_distributed(exit_code: int | None = None) -> None:
-    """Tear the process group down, last thing in a script started by torchrun (`llmkd distill`
-    does). With `exit_code`, a rank of a multi-process run also ends here: Python's exit handlers
-    run, streams flush, then `os._exit`. The DDP / DeepSpeed wrapper a Trainer keeps holds its own
-    reference to the gloo process group, so destroying the group does not stop gloo's threads;
-    they are torn down during interpreter finalisation, where they can abort a finished rank
-    ("terminate called without an active exception", SIGABRT) and torchrun reports the run failed."""
+    """Tear the process group down, last thing in a script started by torchrun, once every rank
+    has finished (it waits for all of them; `llmkd distill` calls it after a run that succeeded).
+    With `exit_code`, a rank of a multi-process run also ends here, the way the interpreter would
+    (non-daemon threads joined, exit handlers run, streams flushed) but without finalisation:
+    the DDP / DeepSpeed wrapper a Trainer keeps holds its own reference to the gloo process group,
+    so gloo's threads outlive `destroy_process_group` and are torn down during finalisation, where
+    they can abort a finished rank ("terminate called without an active exception", SIGABRT) and
+    torchrun reports the run failed."""
     import atexit
     import os
     import sys
+    import threading
 
     import torch.distributed as dist
 
@@ -213,11 +216,16 @@ def shutdown_distributed(exit_code: int | None = None) -> None:
     ranks = dist.get_world_size()      # 1: e.g. the group an in-process vLLM engine made
     dist.barrier()
     dist.destroy_process_group()
-    if exit_code is not None and ranks > 1:
-        atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
+    if exit_code is None or ranks == 1:
+        return
+    threading._shutdown()              # what Py_FinalizeEx does first, then the atexit handlers
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
             stream.flush()
-        os._exit(exit_code)
+        except (OSError, ValueError):  # closed or gone: nothing left to lose
+            pass
+    os._exit(exit_code)
 
 
 def build_monitor(cfg: DistillationConfig, student_tok: PreTrainedTokenizerBase):

@@ -260,7 +260,7 @@ def tokenizer_hash(name: str | None) -> str | None:
 
 def teacher_manifest(model: Any) -> dict[str, dict[str, Any]]:
     """name -> {kind, model (dir / URL), config and tokenizer hashes; a served teacher's targets
-    and top-k}: what a checkpoint was trained on."""
+    (top-k, or hidden states + a hash of the head file)}: what a checkpoint was trained on."""
     out = {}
     for name, s in teacher_specs(model).items():
         d = _local_dir(s.teacher)
@@ -268,8 +268,10 @@ def teacher_manifest(model: Any) -> dict[str, dict[str, Any]]:
                      "config": _file_hash(d / "config.json") if d else None,
                      "tokenizer": tokenizer_hash(s.teacher)}
         if s.kind == "served":   # top-k + tail and full-vocabulary targets train different students
-            out[name] |= {"targets": s.teacher_targets,
-                          "topk": s.teacher_topk if s.teacher_targets == "topk" else None}
+            hidden = s.teacher_targets == "hidden"
+            out[name] |= {"targets": "hidden" if hidden else f"top-{s.teacher_topk}",
+                          "head": _file_hash(Path(s.teacher_head).expanduser()) if hidden and s.teacher_head
+                          else None}
     return out
 
 
