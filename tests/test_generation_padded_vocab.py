@@ -165,7 +165,7 @@ def test_vocab_view_refuses_what_it_cannot_cut(tmp_path):
     from transformers import Qwen2Config, Qwen2Model
 
     from llmkd.models.tiny import tiny_tokenizer
-    from llmkd.models.vocab_trim import _key, tokenizer_size, vocab_trimmed
+    from llmkd.models.vocab_trim import _key, loaded_tokenizer_size, vocab_trimmed
 
     tok = tiny_tokenizer()
     bare = tmp_path / "bare"
@@ -174,7 +174,7 @@ def test_vocab_view_refuses_what_it_cannot_cut(tmp_path):
     Qwen2Model(config).save_pretrained(bare)
     tok.save_pretrained(bare)
     views = tmp_path / "views"
-    stale = views / (_key(bare, tokenizer_size(bare)) + ".tmp999999999")   # no such pid: a killed build
+    stale = views / (_key(bare, loaded_tokenizer_size(bare)) + ".tmp999999999")   # no such pid: a killed build
     stale.mkdir(parents=True)
     with pytest.raises(ValueError, match=r"no checkpoint tensor is named .*lm_head\.weight"):
         vocab_trimmed(bare, cache=views)

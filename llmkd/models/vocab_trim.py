@@ -16,7 +16,11 @@ import shutil
 from pathlib import Path
 
 
-def tokenizer_size(model_dir: str | Path) -> int:
+def loaded_tokenizer_size(model_dir: str | Path) -> int:
+    """len() of the tokenizer as transformers loads it: the count the hf backend masks from, so
+    both backends agree. Not `preflight.tokenizer_size` (ids read from tokenizer.json without
+    importing transformers): a loader may add special tokens that file lacks, and a view cut
+    below them would drop rows the tokenizer can produce."""
     from transformers import AutoTokenizer
 
     return len(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False))
@@ -71,7 +75,7 @@ def vocab_trimmed(model_dir: str | Path, vocab: int | None = None, cache: Path |
     src = Path(model_dir)
     config = json.loads((src / "config.json").read_text())
     rows = model_vocab_size(src)
-    vocab = tokenizer_size(src) if vocab is None else vocab
+    vocab = loaded_tokenizer_size(src) if vocab is None else vocab
     if rows is None or rows <= vocab:
         return src
     if not isinstance(config.get("vocab_size"), int):
